@@ -1,0 +1,350 @@
+//! File data: write buffers, sealing, reads, truncation, fsync.
+//!
+//! Seal path, for one chunk of one file (file state write-locked throughout):
+//! 1. Take the chunk's buffer out of the file state.
+//! 2. Hash it (blake3). If the chunk store may lack it, compress it (zstd) — outside `meta`.
+//! 3. Lock `meta`; in one batch: point the chunk-map record at the id (dropping the reference
+//!    of the version it replaces at this epoch), add the reference, insert the body if the
+//!    chunk is new, and store the inode's size and times.
+//! 4. Write the batch (fsync: with the WAL synced). Readers see the sealed chunk from now on.
+
+use std::sync::Arc;
+
+use crate::chunk;
+use crate::engine::Cf;
+use crate::error::{FsError, Result};
+use crate::inode::{Kind, Time};
+use crate::keys::{self, MapEntry};
+
+use super::txn::Body;
+use super::{FileState, Fs, OpenFile, Txn};
+
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+/// Unsealed bytes one file may hold before all its buffers are sealed.
+const MAX_DIRTY_PER_FILE: usize = 64 << 20;
+
+pub const FALLOC_KEEP_SIZE: i32 = 0x01;
+pub const FALLOC_PUNCH_HOLE: i32 = 0x02;
+
+/// An open file handle as the core sees it.
+pub struct Handle {
+    pub ino: u64,
+    file: Arc<OpenFile>,
+}
+
+impl Fs {
+    pub fn open(&self, ino: u64, write: bool) -> Result<Handle> {
+        let a = self.stored_attr(ino)?;
+        if a.kind == Kind::Dir && write {
+            return Err(FsError::IsDir);
+        }
+        if write {
+            self.write_epoch()?;
+        }
+        Ok(Handle {
+            ino,
+            file: self.acquire(ino)?,
+        })
+    }
+
+    /// Closes a handle: seals its buffers, and deletes the inode if it was the last user of
+    /// an unlinked file.
+    pub fn release(&self, h: &Handle) -> Result<()> {
+        self.unacquire(h.ino, &h.file)
+    }
+
+    /// Seals the file's buffers (on close(2) of any descriptor).
+    pub fn flush(&self, h: &Handle) -> Result<()> {
+        self.seal_all(h.ino, &h.file)
+    }
+
+    /// Makes the file's data and metadata durable before returning.
+    pub fn fsync(&self, h: &Handle) -> Result<()> {
+        self.seal_all(h.ino, &h.file)?;
+        self.eng.sync()
+    }
+
+    pub fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let st = h.file.state.read();
+        if offset >= st.size {
+            return Ok(Vec::new());
+        }
+        let end = st.size.min(offset.saturating_add(size as u64));
+        let cs = self.chunk_size as u64;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / cs;
+            let within = (pos % cs) as usize;
+            let n = ((cs - within as u64).min(end - pos)) as usize;
+            match st.buffers.get(&idx) {
+                Some(buf) => copy_padded(&mut out, buf, within, n),
+                None => match self.get_rec(&keys::map_rec(h.ino, idx))? {
+                    None => out.resize(out.len() + n, 0),
+                    Some(p) => {
+                        let e = MapEntry::decode(&p).ok_or(FsError::Corrupt)?;
+                        let data = self.load_chunk(&e.id)?;
+                        copy_padded(&mut out, &data, within, n);
+                    }
+                },
+            }
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    pub fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<u32> {
+        self.write_epoch()?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        let mut st = h.file.state.write();
+        let cs = self.chunk_size as u64;
+        let mut full = Vec::new();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let idx = off / cs;
+            let within = (off % cs) as usize;
+            let n = (self.chunk_size - within).min(data.len() - pos);
+            if !st.buffers.contains_key(&idx) {
+                let initial = if within == 0 && n == self.chunk_size {
+                    Vec::with_capacity(self.chunk_size)
+                } else {
+                    self.stored_chunk(h.ino, idx)?
+                };
+                st.buffers.insert(idx, initial);
+            }
+            let buf = st.buffers.get_mut(&idx).expect("inserted above");
+            if buf.len() < within {
+                buf.resize(within, 0);
+            }
+            let overlap = (buf.len() - within).min(n);
+            buf[within..within + overlap].copy_from_slice(&data[pos..pos + overlap]);
+            buf.extend_from_slice(&data[pos + overlap..pos + n]);
+            if buf.len() == self.chunk_size {
+                full.push(idx);
+            }
+            pos += n;
+        }
+        st.size = st.size.max(end);
+        st.times_dirty = Some(Time::now());
+        if st.buffers.len() * self.chunk_size > MAX_DIRTY_PER_FILE {
+            full = st.buffers.keys().copied().collect();
+        }
+        if !full.is_empty() {
+            self.seal(h.ino, &mut st, &full)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// The bytes of a stored chunk (empty for a hole).
+    fn stored_chunk(&self, ino: u64, idx: u64) -> Result<Vec<u8>> {
+        match self.get_rec(&keys::map_rec(ino, idx))? {
+            None => Ok(Vec::with_capacity(self.chunk_size)),
+            Some(p) => {
+                let e = MapEntry::decode(&p).ok_or(FsError::Corrupt)?;
+                let mut v = Vec::with_capacity(self.chunk_size);
+                v.extend_from_slice(&self.load_chunk(&e.id)?);
+                Ok(v)
+            }
+        }
+    }
+
+    pub(crate) fn seal_all(&self, ino: u64, file: &OpenFile) -> Result<()> {
+        let mut st = file.state.write();
+        if st.buffers.is_empty() && st.times_dirty.is_none() {
+            return Ok(());
+        }
+        let all: Vec<u64> = st.buffers.keys().copied().collect();
+        self.seal(ino, &mut st, &all)
+    }
+
+    /// Seals the given buffers and persists the file's size and times, in one batch.
+    fn seal(&self, ino: u64, st: &mut FileState, indices: &[u64]) -> Result<()> {
+        let mut prepared = Vec::with_capacity(indices.len());
+        for idx in indices {
+            let Some(buf) = st.buffers.remove(idx) else {
+                continue;
+            };
+            prepared.push((*idx, self.prepare_chunk(buf)?));
+        }
+        let mut meta = self.lock_meta();
+        let mut txn = Txn::new(self);
+        self.add_prepared(&mut txn, ino, prepared)?;
+        let mut a = txn.attr(ino)?;
+        a.size = st.size;
+        if let Some(t) = st.times_dirty.take() {
+            a.mtime = t;
+            a.ctime = t;
+        }
+        txn.put_attr(a);
+        txn.commit(&mut meta, false)
+    }
+
+    /// Hashes a buffer and, unless the store already holds it, compresses it.
+    fn prepare_chunk(&self, buf: Vec<u8>) -> Result<(MapEntry, Body)> {
+        let id = chunk::chunk_id(&buf);
+        let entry = MapEntry {
+            id,
+            len: buf.len() as u32,
+        };
+        let body = if self.eng.exists(Cf::Meta, &keys::refcount_key(&id))? {
+            Body::Raw(buf)
+        } else {
+            Body::Encoded(chunk::encode(&buf))
+        };
+        Ok((entry, body))
+    }
+
+    fn add_prepared(
+        &self,
+        txn: &mut Txn<'_>,
+        ino: u64,
+        prepared: Vec<(u64, (MapEntry, Body))>,
+    ) -> Result<()> {
+        for (idx, (entry, body)) in prepared {
+            if entry.len == 0 {
+                txn.del_map(ino, idx)?;
+                continue;
+            }
+            txn.put_map(ino, idx, entry)?;
+            txn.add_body(entry.id, body);
+        }
+        Ok(())
+    }
+
+    /// Sets the size of a file (truncate(2), ftruncate(2), O_TRUNC).
+    pub fn truncate(&self, ino: u64, size: u64) -> Result<()> {
+        self.write_epoch()?;
+        if size > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        if self.stored_attr(ino)?.kind != Kind::File {
+            return Err(FsError::Invalid);
+        }
+        let file = self.acquire(ino)?;
+        let r = self.truncate_locked(ino, &file, size);
+        let u = self.unacquire(ino, &file);
+        r.and(u)
+    }
+
+    fn truncate_locked(&self, ino: u64, file: &OpenFile, size: u64) -> Result<()> {
+        let mut st = file.state.write();
+        let cs = self.chunk_size as u64;
+        // Chunk indices at or past `keep` hold no byte below the new size.
+        let keep = size.div_ceil(cs);
+        let mut prepared = Vec::new();
+        if size < st.size {
+            st.buffers.retain(|idx, _| *idx < keep);
+            let within = (size % cs) as usize;
+            if within != 0 {
+                // The chunk that straddles the new end is cut now, in the same batch, so no
+                // stale byte past the end can reappear when the file grows again.
+                let idx = size / cs;
+                let mut buf = match st.buffers.remove(&idx) {
+                    Some(b) => b,
+                    None => self.stored_chunk(ino, idx)?,
+                };
+                if !buf.is_empty() {
+                    buf.truncate(within);
+                    prepared.push((idx, self.prepare_chunk(buf)?));
+                }
+            }
+        }
+        let now = Time::now();
+        let mut meta = self.lock_meta();
+        let mut txn = Txn::new(self);
+        if size < st.size {
+            let stored: Vec<u64> = self
+                .scan_recs_from(
+                    &keys::map_prefix(ino),
+                    &keys::map_rec(ino, keep),
+                    usize::MAX,
+                )?
+                .iter()
+                .map(|(rec, _)| keys::map_index(rec))
+                .collect();
+            for idx in stored {
+                txn.del_map(ino, idx)?;
+            }
+        }
+        self.add_prepared(&mut txn, ino, prepared)?;
+        let mut a = txn.attr(ino)?;
+        a.size = size;
+        a.mtime = now;
+        a.ctime = now;
+        st.times_dirty = None;
+        txn.put_attr(a);
+        txn.commit(&mut meta, false)?;
+        st.size = size;
+        Ok(())
+    }
+
+    /// fallocate(2): mode 0 and KEEP_SIZE reserve nothing (copy-on-write stores allocate at
+    /// seal time) but extend the size; PUNCH_HOLE|KEEP_SIZE zeroes the range.
+    pub fn fallocate(&self, h: &Handle, offset: u64, len: u64, mode: i32) -> Result<()> {
+        self.write_epoch()?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        match mode {
+            0 => {
+                if end > h.file.state.read().size {
+                    self.seal_all(h.ino, &h.file)?;
+                    self.truncate_locked(h.ino, &h.file, end)?;
+                }
+                Ok(())
+            }
+            FALLOC_KEEP_SIZE => Ok(()),
+            m if m == FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE => self.punch_hole(h, offset, end),
+            _ => Err(FsError::Unsupported),
+        }
+    }
+
+    fn punch_hole(&self, h: &Handle, offset: u64, end: u64) -> Result<()> {
+        let size = h.file.state.read().size;
+        let end = end.min(size);
+        let mut pos = offset;
+        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        while pos < end {
+            let n = (end - pos).min(ZEROS.len() as u64) as usize;
+            self.write(h, pos, &ZEROS[..n])?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// copy_file_range(2), by reading and writing; identical chunks deduplicate anyway.
+    pub fn copy_range(
+        &self,
+        src: &Handle,
+        src_off: u64,
+        dst: &Handle,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(self.chunk_size as u64) as u32;
+            let data = self.read(src, src_off + done, n)?;
+            if data.is_empty() {
+                break;
+            }
+            self.write(dst, dst_off + done, &data)?;
+            done += data.len() as u64;
+        }
+        Ok(done)
+    }
+}
+
+/// Appends `n` bytes of `src` from `within`, reading past the end of `src` as zeros.
+fn copy_padded(out: &mut Vec<u8>, src: &[u8], within: usize, n: usize) {
+    let avail = src.len().saturating_sub(within).min(n);
+    if avail > 0 {
+        out.extend_from_slice(&src[within..within + avail]);
+    }
+    out.resize(out.len() + (n - avail), 0);
+}

@@ -1,0 +1,437 @@
+//! The storage core: a POSIX filesystem over the engine, with no FUSE types.
+//!
+//! Concurrency: one metadata mutex (`Fs::meta`) serializes every commit that reads and then
+//! writes metadata (namespace changes, chunk-map changes, refcounts, counters). Each open file
+//! has a reader-writer lock over its write buffers; the lock order is file state, then `meta`,
+//! then the open-file table. Hashing and compressing a sealed chunk happen under the file lock
+//! only, so different files seal in parallel.
+
+mod data;
+mod ns;
+mod txn;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use crate::engine::{Cf, Engine};
+use crate::error::{FsError, Result};
+use crate::inode::{Attr, Time};
+use crate::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
+
+pub use data::{Handle, MAX_FILE_SIZE};
+pub use ns::{DirEntry, SetAttr, TimeSet};
+pub(crate) use txn::Txn;
+
+pub const ROOT_INO: u64 = 1;
+/// The epoch of a store that has never been snapshotted.
+pub const FIRST_EPOCH: u64 = 1;
+pub const NAME_MAX: usize = 255;
+
+/// Caller credentials for operations that create inodes.
+#[derive(Clone, Copy, Debug)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Space accounting kept in the same batches as the references they count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Unique chunks stored (including chunks waiting for garbage collection).
+    pub chunks: u64,
+    /// Sum of the uncompressed lengths of unique chunks.
+    pub unique_bytes: u64,
+    /// Sum of the stored (compressed) lengths of unique chunks.
+    pub stored_bytes: u64,
+    /// Sum over every chunk-map entry version of the bytes it references.
+    pub referenced_bytes: u64,
+}
+
+pub(crate) struct MetaState {
+    pub next_ino: u64,
+    pub counters: Counters,
+}
+
+pub(crate) struct FileState {
+    /// Authoritative size while the file is open (buffers may extend the stored size).
+    pub size: u64,
+    /// mtime/ctime of buffered writes not yet persisted.
+    pub times_dirty: Option<Time>,
+    /// Unsealed chunks by index; each holds the chunk's bytes from its start.
+    pub buffers: BTreeMap<u64, Vec<u8>>,
+}
+
+pub(crate) struct OpenFile {
+    pub state: RwLock<FileState>,
+}
+
+struct OpenEntry {
+    file: Arc<OpenFile>,
+    users: usize,
+}
+
+/// A small cache of verified, decompressed chunks: a 1 MiB chunk is read by several
+/// 128 KiB kernel requests, and must be decompressed and verified only once.
+struct ChunkCache {
+    entries: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+}
+
+const CACHE_ENTRIES: usize = 16;
+
+impl ChunkCache {
+    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        let mut e = self.entries.lock();
+        let pos = e.iter().position(|(k, _)| k == id)?;
+        let hit = e.remove(pos)?;
+        let data = hit.1.clone();
+        e.push_front(hit);
+        Some(data)
+    }
+
+    fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
+        let mut e = self.entries.lock();
+        e.push_front((id, data));
+        e.truncate(CACHE_ENTRIES);
+    }
+}
+
+pub struct Fs {
+    pub(crate) eng: Engine,
+    pub(crate) chunk_size: usize,
+    /// The epoch live writes go to.
+    epoch: AtomicU64,
+    /// Some(e): this instance shows the read-only view at epoch e.
+    view: Option<u64>,
+    meta: Mutex<MetaState>,
+    open: Mutex<HashMap<u64, OpenEntry>>,
+    cache: ChunkCache,
+}
+
+fn counter(eng: &Engine, name: &str) -> Result<Option<u64>> {
+    Ok(eng
+        .get(Cf::Meta, &keys::counter_key(name))?
+        .filter(|v| v.len() == 8)
+        .map(|v| keys::le_u64(&v)))
+}
+
+impl Fs {
+    /// Opens the filesystem on an engine. Creates the root directory on a new store.
+    pub fn new(eng: Engine, chunk_size: usize, creator: Creds) -> Result<Fs> {
+        let epoch = counter(&eng, "epoch")?.unwrap_or(FIRST_EPOCH);
+        let next_ino = counter(&eng, "next_ino")?.unwrap_or(ROOT_INO + 1);
+        let counters = Counters {
+            chunks: counter(&eng, "chunks")?.unwrap_or(0),
+            unique_bytes: counter(&eng, "unique_bytes")?.unwrap_or(0),
+            stored_bytes: counter(&eng, "stored_bytes")?.unwrap_or(0),
+            referenced_bytes: counter(&eng, "referenced_bytes")?.unwrap_or(0),
+        };
+        let fs = Fs {
+            eng,
+            chunk_size,
+            epoch: AtomicU64::new(epoch),
+            view: None,
+            meta: Mutex::new(MetaState { next_ino, counters }),
+            open: Mutex::new(HashMap::new()),
+            cache: ChunkCache {
+                entries: Mutex::new(VecDeque::new()),
+            },
+        };
+        if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
+            let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
+            root.uid = creator.uid;
+            root.gid = creator.gid;
+            root.parent = ROOT_INO;
+            let mut txn = Txn::new(&fs);
+            txn.put_attr(root);
+            let mut meta = fs.meta.lock();
+            txn.commit(&mut meta, true)?;
+        }
+        fs.clean_orphans()?;
+        Ok(fs)
+    }
+
+    /// The epoch reads see.
+    pub(crate) fn view_epoch(&self) -> u64 {
+        self.view
+            .unwrap_or_else(|| self.epoch.load(Ordering::Acquire))
+    }
+
+    /// The epoch writes go to.
+    pub(crate) fn write_epoch(&self) -> Result<u64> {
+        if self.view.is_some() {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(self.epoch.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn lock_meta(&self) -> MutexGuard<'_, MetaState> {
+        self.meta.lock()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.meta.lock().counters
+    }
+
+    /// The live payload of a versioned record at the view epoch, without its tag byte.
+    pub(crate) fn get_rec(&self, rec: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get_rec_at(rec, self.view_epoch())
+    }
+
+    pub(crate) fn get_rec_at(&self, rec: &[u8], epoch: u64) -> Result<Option<Vec<u8>>> {
+        let exact = keys::versioned(rec, epoch);
+        let found = match self.eng.get(Cf::Meta, &exact)? {
+            Some(v) => Some(v),
+            // Nothing older than the first epoch can exist: skip the seek.
+            None if epoch == FIRST_EPOCH => None,
+            None => match self.eng.seek(Cf::Meta, rec, &exact)? {
+                Some((k, v)) if k.len() == rec.len() + keys::VERSION_LEN => Some(v),
+                _ => None,
+            },
+        };
+        Ok(found.and_then(untag))
+    }
+
+    /// Live records under `prefix` at the view epoch: (record part, payload).
+    pub(crate) fn scan_recs(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_recs_from(prefix, prefix, usize::MAX)
+    }
+
+    /// Like `scan_recs`, starting at record part `from`, returning at most `limit` records.
+    pub(crate) fn scan_recs_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let view = self.view_epoch();
+        let mut out = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for item in self.eng.scan(Cf::Meta, prefix, from) {
+            let (k, v) = item?;
+            let (rec, epoch) = keys::split_version(&k);
+            if epoch > view || last.as_deref() == Some(rec) {
+                continue;
+            }
+            last = Some(rec.to_vec());
+            if let Some(p) = untag(v) {
+                out.push((rec.to_vec(), p));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored attributes of an inode (without the overlay of an open file's buffers).
+    pub(crate) fn stored_attr(&self, ino: u64) -> Result<Attr> {
+        let p = self
+            .get_rec(&keys::inode_rec(ino))?
+            .ok_or(FsError::NotFound)?;
+        Attr::decode(ino, &p).ok_or_else(|| {
+            log::error!("inode {ino}: record does not decode");
+            FsError::Corrupt
+        })
+    }
+
+    /// Current attributes, including the size and times of unsealed writes.
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let mut a = self.stored_attr(ino)?;
+        if let Some(f) = self.open_file(ino) {
+            let st = f.state.read();
+            a.size = st.size;
+            if let Some(t) = st.times_dirty {
+                a.mtime = t;
+                a.ctime = t;
+            }
+        }
+        Ok(a)
+    }
+
+    fn open_file(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.open.lock().get(&ino).map(|e| e.file.clone())
+    }
+
+    /// Registers a user of an inode's file state (an open handle or a transient operation).
+    pub(crate) fn acquire(&self, ino: u64) -> Result<Arc<OpenFile>> {
+        if let Some(f) = self.bump(ino) {
+            return Ok(f);
+        }
+        // Creating the state happens under `meta`, so unlink sees a consistent table.
+        let _meta = self.meta.lock();
+        if let Some(f) = self.bump(ino) {
+            return Ok(f);
+        }
+        let attr = self.stored_attr(ino)?;
+        let file = Arc::new(OpenFile {
+            state: RwLock::new(FileState {
+                size: attr.size,
+                times_dirty: None,
+                buffers: BTreeMap::new(),
+            }),
+        });
+        self.open.lock().insert(
+            ino,
+            OpenEntry {
+                file: file.clone(),
+                users: 1,
+            },
+        );
+        Ok(file)
+    }
+
+    fn bump(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        let mut open = self.open.lock();
+        let e = open.get_mut(&ino)?;
+        e.users += 1;
+        Some(e.file.clone())
+    }
+
+    pub(crate) fn is_open(&self, ino: u64) -> bool {
+        self.open.lock().contains_key(&ino)
+    }
+
+    /// Drops one user; the last one seals buffers and purges an unlinked inode.
+    pub(crate) fn unacquire(&self, ino: u64, file: &Arc<OpenFile>) -> Result<()> {
+        let sealed = self.seal_all(ino, file);
+        let mut meta = self.meta.lock();
+        let last = {
+            let mut open = self.open.lock();
+            let e = open.get_mut(&ino).expect("acquired inode is in the table");
+            e.users -= 1;
+            if e.users == 0 {
+                open.remove(&ino);
+                true
+            } else {
+                false
+            }
+        };
+        if last && self.view.is_none() {
+            if let Ok(a) = self.stored_attr(ino) {
+                if a.nlink == 0 {
+                    let mut txn = Txn::new(self);
+                    txn.purge_inode(ino)?;
+                    txn.commit(&mut meta, false)?;
+                }
+            }
+        }
+        sealed
+    }
+
+    /// Deletes inodes that were unlinked while open when the last daemon stopped.
+    fn clean_orphans(&self) -> Result<()> {
+        let orphans: Vec<u64> = self
+            .eng
+            .scan(Cf::Meta, &[keys::P_ORPHAN], &[keys::P_ORPHAN])
+            .map(|r| r.map(|(k, _)| keys::be_u64(&k[1..])))
+            .collect::<Result<_>>()?;
+        for ino in orphans {
+            let mut meta = self.meta.lock();
+            let mut txn = Txn::new(self);
+            if matches!(self.stored_attr(ino), Ok(a) if a.nlink == 0) {
+                txn.purge_inode(ino)?;
+            }
+            txn.clear_orphan(ino);
+            txn.commit(&mut meta, true)?;
+            log::info!("removed orphan inode {ino} (unlinked while open)");
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies a chunk body.
+    pub(crate) fn load_chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some(d) = self.cache.get(id) {
+            return Ok(d);
+        }
+        let stored = self.eng.get(Cf::Chunks, id)?.ok_or_else(|| {
+            log::error!("chunk {} is referenced but missing", crate::chunk::hex(id));
+            FsError::Corrupt
+        })?;
+        let data = Arc::new(crate::chunk::decode(id, &stored)?);
+        self.cache.insert(*id, data.clone());
+        Ok(data)
+    }
+
+    /// Seals every open file's buffers and makes everything durable.
+    pub fn sync_all(&self) -> Result<()> {
+        let files: Vec<(u64, Arc<OpenFile>)> = self
+            .open
+            .lock()
+            .iter()
+            .map(|(k, e)| (*k, e.file.clone()))
+            .collect();
+        for (ino, f) in files {
+            self.seal_all(ino, &f)?;
+        }
+        self.eng.sync()
+    }
+
+    /// Makes every metadata change applied so far durable (fsyncdir).
+    pub fn sync_metadata(&self) -> Result<()> {
+        self.eng.sync()
+    }
+
+    /// Seals, collects garbage and flushes memtables; the store is clean after this.
+    pub fn shutdown(&self) -> Result<()> {
+        self.sync_all()?;
+        self.collect_garbage()?;
+        self.eng.flush_all()
+    }
+
+    /// Frees chunks whose reference count dropped to zero.
+    pub fn collect_garbage(&self) -> Result<u64> {
+        if self.view.is_some() {
+            return Ok(0);
+        }
+        let ids: Vec<ChunkId> = self
+            .eng
+            .scan(Cf::Meta, &[keys::P_FREE], &[keys::P_FREE])
+            .map(|r| r.map(|(k, _)| k[1..33].try_into().expect("32-byte id")))
+            .collect::<Result<_>>()?;
+        let mut freed = 0;
+        for batch in ids.chunks(256) {
+            let mut meta = self.meta.lock();
+            let mut txn = Txn::new(self);
+            for id in batch {
+                if txn.free_if_unreferenced(id)? {
+                    freed += 1;
+                }
+            }
+            txn.commit(&mut meta, false)?;
+        }
+        Ok(freed)
+    }
+}
+
+/// Strips the tag byte; None for a tombstone.
+fn untag(mut v: Vec<u8>) -> Option<Vec<u8>> {
+    match v.first() {
+        Some(&TAG_LIVE) => {
+            v.remove(0);
+            Some(v)
+        }
+        Some(&TAG_TOMBSTONE) | None => None,
+        Some(t) => {
+            log::error!("record with unknown tag {t}");
+            None
+        }
+    }
+}
+
+/// Validates a name for a new directory entry.
+pub(crate) fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,355 @@
+//! POSIX semantics of the core, without a mount.
+
+use super::*;
+use crate::inode::Kind;
+use crate::store::Store;
+
+const ME: Creds = Creds { uid: 0, gid: 0 };
+const CS: usize = 64 * 1024;
+
+fn store(dir: &std::path::Path) -> Store {
+    Store::open(dir, true, Some(CS)).unwrap()
+}
+
+fn data(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_file(fs: &Fs, parent: u64, name: &str, content: &[u8]) -> u64 {
+    let a = fs.mknod(parent, name.as_bytes(), libc::S_IFREG | 0o644, 0, ME).unwrap();
+    let h = fs.open(a.ino, true).unwrap();
+    fs.write(&h, 0, content).unwrap();
+    fs.release(&h).unwrap();
+    a.ino
+}
+
+fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
+    let h = fs.open(ino, false).unwrap();
+    let size = fs.getattr(ino).unwrap().size;
+    let mut out = Vec::new();
+    while (out.len() as u64) < size {
+        let d = fs.read(&h, out.len() as u64, 100_000).unwrap();
+        assert!(!d.is_empty());
+        out.extend_from_slice(&d);
+    }
+    fs.release(&h).unwrap();
+    out
+}
+
+#[test]
+fn write_read_across_chunks_and_remount() {
+    let t = tempfile::tempdir().unwrap();
+    let content = data(CS * 3 + 777, 1);
+    let ino;
+    {
+        let s = store(t.path());
+        ino = write_file(&s.fs, ROOT_INO, "f", &content);
+        assert_eq!(read_all(&s.fs, ino), content);
+        s.fs.shutdown().unwrap();
+    }
+    let s = store(t.path());
+    assert_eq!(s.fs.lookup(ROOT_INO, b"f").unwrap().ino, ino);
+    assert_eq!(read_all(&s.fs, ino), content);
+}
+
+#[test]
+fn partial_overwrite_and_unaligned_reads() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let mut model = data(CS * 2 + 100, 2);
+    let ino = write_file(fs, ROOT_INO, "f", &model);
+    let h = fs.open(ino, true).unwrap();
+    let patch = data(5000, 3);
+    let off = CS - 2000;
+    fs.write(&h, off as u64, &patch).unwrap();
+    model[off..off + patch.len()].copy_from_slice(&patch);
+    // Read before and after sealing.
+    assert_eq!(fs.read(&h, off as u64 - 10, 6000).unwrap(), model[off - 10..off + 5990]);
+    fs.flush(&h).unwrap();
+    assert_eq!(fs.read(&h, off as u64 - 10, 6000).unwrap(), model[off - 10..off + 5990]);
+    fs.release(&h).unwrap();
+    assert_eq!(read_all(fs, ino), model);
+}
+
+#[test]
+fn holes_and_truncate() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let a = fs.mknod(ROOT_INO, b"sparse", libc::S_IFREG | 0o600, 0, ME).unwrap();
+    let h = fs.open(a.ino, true).unwrap();
+    fs.write(&h, (CS * 5) as u64, b"tail").unwrap();
+    fs.flush(&h).unwrap();
+    let all = read_all(fs, a.ino);
+    assert_eq!(all.len(), CS * 5 + 4);
+    assert!(all[..CS * 5].iter().all(|b| *b == 0));
+    // Truncate into the middle of a chunk, then grow: the cut bytes must read as zeros.
+    fs.write(&h, 0, &vec![7u8; CS + 10]).unwrap();
+    fs.release(&h).unwrap();
+    fs.truncate(a.ino, 100).unwrap();
+    assert_eq!(fs.getattr(a.ino).unwrap().size, 100);
+    fs.truncate(a.ino, (CS * 2) as u64).unwrap();
+    let all = read_all(fs, a.ino);
+    assert_eq!(&all[..100], &[7u8; 100][..]);
+    assert!(all[100..].iter().all(|b| *b == 0));
+    fs.truncate(a.ino, 0).unwrap();
+    assert!(read_all(fs, a.ino).is_empty());
+}
+
+#[test]
+fn namespace_rules() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    assert_eq!(fs.mkdir(ROOT_INO, b"d", 0o755, ME), Err(FsError::Exists));
+    let f = write_file(fs, d.ino, "f", b"hello");
+    assert_eq!(fs.rmdir(ROOT_INO, b"d"), Err(FsError::NotEmpty));
+    assert_eq!(fs.unlink(ROOT_INO, b"d"), Err(FsError::IsDir));
+    assert_eq!(fs.rmdir(d.ino, b"f"), Err(FsError::NotDir));
+    assert_eq!(fs.lookup(d.ino, &[b'x'; 256]), Err(FsError::NameTooLong));
+    assert_eq!(fs.mkdir(ROOT_INO, &[b'x'; 256], 0o755, ME), Err(FsError::NameTooLong));
+    fs.mkdir(ROOT_INO, &[b'x'; 255], 0o755, ME).unwrap();
+    // Hard links.
+    let l = fs.link(f, ROOT_INO, b"hard").unwrap();
+    assert_eq!(l.nlink, 2);
+    fs.unlink(d.ino, b"f").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().nlink, 1);
+    assert_eq!(read_all(fs, f), b"hello");
+    fs.rmdir(ROOT_INO, b"d").unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    // Symlinks.
+    let sl = fs.symlink(ROOT_INO, b"sl", b"/target/path", ME).unwrap();
+    assert_eq!(sl.kind, Kind::Symlink);
+    assert_eq!(fs.readlink(sl.ino).unwrap(), b"/target/path");
+    let names: Vec<Vec<u8>> = fs.readdir(ROOT_INO).unwrap().into_iter().map(|e| e.name).collect();
+    assert!(names.contains(&b"hard".to_vec()) && names.contains(&b"sl".to_vec()));
+    assert_eq!(&names[..2], &[b".".to_vec(), b"..".to_vec()]);
+}
+
+#[test]
+fn rename_semantics() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let a = write_file(fs, ROOT_INO, "a", b"AAA");
+    let b = write_file(fs, ROOT_INO, "b", b"BBB");
+    // Replace: b's inode is gone, a's content under the name b.
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0).unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"a"), Err(FsError::NotFound));
+    assert_eq!(fs.lookup(ROOT_INO, b"b").unwrap().ino, a);
+    assert_eq!(fs.getattr(b), Err(FsError::NotFound));
+    // NOREPLACE and EXCHANGE.
+    let c = write_file(fs, ROOT_INO, "c", b"CCC");
+    assert_eq!(
+        fs.rename(ROOT_INO, b"b", ROOT_INO, b"c", ns::RENAME_NOREPLACE),
+        Err(FsError::Exists)
+    );
+    fs.rename(ROOT_INO, b"b", ROOT_INO, b"c", ns::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"c").unwrap().ino, a);
+    assert_eq!(fs.lookup(ROOT_INO, b"b").unwrap().ino, c);
+    // Directories: into own subtree is refused; move updates nlink and "..".
+    let d1 = fs.mkdir(ROOT_INO, b"d1", 0o755, ME).unwrap();
+    let d2 = fs.mkdir(d1.ino, b"d2", 0o755, ME).unwrap();
+    assert_eq!(fs.rename(ROOT_INO, b"d1", d2.ino, b"x", 0), Err(FsError::Invalid));
+    fs.rename(d1.ino, b"d2", ROOT_INO, b"d2", 0).unwrap();
+    assert_eq!(fs.getattr(d1.ino).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 4);
+    let dots = fs.readdir(d2.ino).unwrap();
+    assert_eq!(dots[1].ino, ROOT_INO);
+    // Dir over non-empty dir, file over dir, dir over file.
+    write_file(fs, d1.ino, "inner", b"x");
+    assert_eq!(fs.rename(ROOT_INO, b"d2", ROOT_INO, b"d1", 0), Err(FsError::NotEmpty));
+    assert_eq!(fs.rename(ROOT_INO, b"b", ROOT_INO, b"d2", 0), Err(FsError::IsDir));
+    assert_eq!(fs.rename(ROOT_INO, b"d2", ROOT_INO, b"b", 0), Err(FsError::NotDir));
+    // Dir over empty dir.
+    let e = fs.mkdir(ROOT_INO, b"empty", 0o755, ME).unwrap();
+    fs.rename(ROOT_INO, b"d2", ROOT_INO, b"empty", 0).unwrap();
+    assert_eq!(fs.getattr(e.ino), Err(FsError::NotFound));
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 4);
+}
+
+#[test]
+fn unlinked_open_file_lives_until_release() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let content = data(CS * 2, 9);
+    let ino = write_file(fs, ROOT_INO, "tmp", &content);
+    let h = fs.open(ino, false).unwrap();
+    fs.unlink(ROOT_INO, b"tmp").unwrap();
+    assert_eq!(fs.read(&h, 0, CS as u32).unwrap(), content[..CS]);
+    assert!(fs.counters().chunks >= 2);
+    fs.release(&h).unwrap();
+    assert_eq!(fs.getattr(ino), Err(FsError::NotFound));
+    fs.collect_garbage().unwrap();
+    assert_eq!(fs.counters().chunks, 0);
+    assert_eq!(fs.counters().referenced_bytes, 0);
+}
+
+#[test]
+fn orphans_are_cleaned_at_open() {
+    let t = tempfile::tempdir().unwrap();
+    let ino;
+    {
+        let s = store(t.path());
+        ino = write_file(&s.fs, ROOT_INO, "tmp", &data(CS, 4));
+        let h = s.fs.open(ino, false).unwrap();
+        s.fs.unlink(ROOT_INO, b"tmp").unwrap();
+        // "Crash": the handle is never released.
+        std::mem::forget(h);
+        s.fs.sync_metadata().unwrap();
+    }
+    let s = store(t.path());
+    assert_eq!(s.fs.getattr(ino), Err(FsError::NotFound));
+    s.fs.collect_garbage().unwrap();
+    assert_eq!(s.fs.counters().chunks, 0);
+}
+
+#[test]
+fn dedup_refcounts_and_gc() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let content = data(CS * 4, 5);
+    let a = write_file(fs, ROOT_INO, "a", &content);
+    let c1 = fs.counters();
+    assert_eq!(c1.chunks, 4);
+    write_file(fs, ROOT_INO, "b", &content);
+    let c2 = fs.counters();
+    assert_eq!(c2.chunks, 4, "identical content is stored once");
+    assert_eq!(c2.stored_bytes, c1.stored_bytes);
+    assert_eq!(c2.referenced_bytes, 2 * c1.referenced_bytes);
+    fs.unlink(ROOT_INO, b"a").unwrap();
+    fs.collect_garbage().unwrap();
+    assert_eq!(fs.counters().chunks, 4, "still referenced by b");
+    assert_eq!(fs.getattr(a), Err(FsError::NotFound));
+    fs.unlink(ROOT_INO, b"b").unwrap();
+    assert_eq!(fs.collect_garbage().unwrap(), 4);
+    assert_eq!(fs.counters(), Counters::default());
+}
+
+#[test]
+fn corrupt_chunk_is_eio_not_data() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let content = data(CS, 6);
+    let ino = write_file(fs, ROOT_INO, "f", &content);
+    // Overwrite the stored body with a damaged copy under the same id.
+    let id = crate::chunk::chunk_id(&content);
+    let mut bad = fs.eng.get(Cf::Chunks, &id).unwrap().unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    let mut b = crate::engine::Batch::new();
+    fs.eng.put(&mut b, Cf::Chunks, &id, &bad);
+    fs.eng.write(b, false).unwrap();
+    let h = fs.open(ino, false).unwrap();
+    assert_eq!(fs.read(&h, 0, 10), Err(FsError::Corrupt));
+    assert_eq!(FsError::Corrupt.to_errno(), libc::EIO);
+    fs.release(&h).unwrap();
+}
+
+#[test]
+fn xattrs() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let ino = write_file(fs, ROOT_INO, "f", b"x");
+    assert_eq!(fs.getxattr(ino, b"user.a"), Err(FsError::NoData));
+    fs.setxattr(ino, b"user.a", b"1", 0).unwrap();
+    assert_eq!(fs.setxattr(ino, b"user.a", b"2", ns::XATTR_CREATE), Err(FsError::Exists));
+    assert_eq!(fs.setxattr(ino, b"user.b", b"2", ns::XATTR_REPLACE), Err(FsError::NoData));
+    fs.setxattr(ino, b"user.a", b"3", ns::XATTR_REPLACE).unwrap();
+    fs.setxattr(ino, b"user.b", b"", 0).unwrap();
+    assert_eq!(fs.getxattr(ino, b"user.a").unwrap(), b"3");
+    assert_eq!(fs.listxattr(ino).unwrap(), vec![b"user.a".to_vec(), b"user.b".to_vec()]);
+    fs.removexattr(ino, b"user.a").unwrap();
+    assert_eq!(fs.removexattr(ino, b"user.a"), Err(FsError::NoData));
+    assert_eq!(fs.listxattr(ino).unwrap(), vec![b"user.b".to_vec()]);
+}
+
+#[test]
+fn setattr_mode_owner_times() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let ino = write_file(fs, ROOT_INO, "f", b"abc");
+    let when = Time {
+        secs: 1_000_000,
+        nanos: 5,
+    };
+    let a = fs
+        .setattr(
+            ino,
+            SetAttr {
+                mode: Some(0o4711),
+                uid: Some(12),
+                gid: Some(34),
+                mtime: Some(TimeSet::At(when)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((a.perm, a.uid, a.gid, a.mtime), (0o4711, 12, 34, when));
+    assert!(a.ctime > when);
+    // Explicit mtime wins over pending buffered writes.
+    let h = fs.open(ino, true).unwrap();
+    fs.write(&h, 0, b"zzz").unwrap();
+    let a = fs
+        .setattr(
+            ino,
+            SetAttr {
+                mtime: Some(TimeSet::At(when)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(a.mtime, when);
+    fs.release(&h).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().mtime, when);
+}
+
+#[test]
+fn sgid_directories_pass_group() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let d = fs.mkdir(ROOT_INO, b"g", 0o2775, Creds { uid: 0, gid: 50 }).unwrap();
+    let f = fs
+        .mknod(d.ino, b"f", libc::S_IFREG | 0o644, 0, Creds { uid: 7, gid: 8 })
+        .unwrap();
+    assert_eq!(f.gid, 50);
+    let sub = fs.mkdir(d.ino, b"s", 0o755, Creds { uid: 7, gid: 8 }).unwrap();
+    assert_eq!(sub.gid, 50);
+    assert_ne!(sub.perm & libc::S_ISGID as u16, 0);
+}
+
+#[test]
+fn second_open_of_a_store_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let _s = store(t.path());
+    let err = match Store::open(t.path(), true, None) {
+        Err(e) => e,
+        Ok(_) => panic!("second open succeeded"),
+    };
+    assert!(err.contains("in use"), "{err}");
+}
+
+#[test]
+fn foreign_directory_is_not_a_store() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("precious.txt"), b"x").unwrap();
+    let err = Store::open(t.path(), true, None).err().unwrap();
+    assert!(err.contains("not a snapfs store"), "{err}");
+}

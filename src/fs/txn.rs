@@ -1,0 +1,291 @@
+//! One atomic metadata change: versioned record writes, chunk reference deltas and counters,
+//! applied as a single engine batch.
+//!
+//! A `Txn` is built and committed while the caller holds `Fs::meta`, so the write epoch, the
+//! refcounts it reads and the counters it updates cannot change underneath it. Reads go to the
+//! engine, not to the batch: an operation reads everything it needs before it writes, and
+//! touches each chunk-map record at most once (asserted in debug builds).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::engine::{Batch, Cf};
+use crate::error::{FsError, Result};
+use crate::inode::Attr;
+use crate::keys::{self, ChunkId, MapEntry};
+
+use super::{Fs, MetaState, FIRST_EPOCH};
+
+pub(crate) enum Body {
+    /// Already encoded (hashed and compressed outside the lock).
+    Encoded(Vec<u8>),
+    /// Raw bytes; encoded at commit only if the chunk turned out to be absent.
+    Raw(Vec<u8>),
+}
+
+pub(crate) struct Txn<'a> {
+    fs: &'a Fs,
+    batch: Batch,
+    attrs: BTreeMap<u64, Attr>,
+    deleted: BTreeSet<u64>,
+    refs: HashMap<ChunkId, i64>,
+    bodies: HashMap<ChunkId, Body>,
+    counters_dirty: bool,
+    touched_maps: BTreeSet<(u64, u64)>,
+    /// Chunks freed by this txn: count, raw bytes, stored bytes.
+    freed: (u64, u64, u64),
+}
+
+/// Refcount value: count, raw length, stored length.
+fn decode_ref(v: &[u8]) -> Option<(u64, u32, u32)> {
+    (v.len() == 16).then(|| (keys::le_u64(v), keys::le_u32(&v[8..]), keys::le_u32(&v[12..])))
+}
+
+fn encode_ref(count: u64, raw: u32, stored: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&count.to_le_bytes());
+    v.extend_from_slice(&raw.to_le_bytes());
+    v.extend_from_slice(&stored.to_le_bytes());
+    v
+}
+
+impl<'a> Txn<'a> {
+    pub fn new(fs: &'a Fs) -> Txn<'a> {
+        Txn {
+            fs,
+            batch: Batch::new(),
+            attrs: BTreeMap::new(),
+            deleted: BTreeSet::new(),
+            refs: HashMap::new(),
+            bodies: HashMap::new(),
+            counters_dirty: false,
+            touched_maps: BTreeSet::new(),
+            freed: (0, 0, 0),
+        }
+    }
+
+    fn epoch(&self) -> Result<u64> {
+        self.fs.write_epoch()
+    }
+
+    /// Attributes as this transaction will leave them.
+    pub fn attr(&self, ino: u64) -> Result<Attr> {
+        if self.deleted.contains(&ino) {
+            return Err(FsError::NotFound);
+        }
+        match self.attrs.get(&ino) {
+            Some(a) => Ok(a.clone()),
+            None => self.fs.stored_attr(ino),
+        }
+    }
+
+    pub fn put_attr(&mut self, a: Attr) {
+        self.deleted.remove(&a.ino);
+        self.attrs.insert(a.ino, a);
+    }
+
+    pub fn put_rec(&mut self, rec: &[u8], value_with_tag: &[u8]) -> Result<()> {
+        let k = keys::versioned(rec, self.epoch()?);
+        self.fs.eng.put(&mut self.batch, Cf::Meta, &k, value_with_tag);
+        Ok(())
+    }
+
+    /// Deletes a record at the write epoch: a tombstone if an older version is still visible
+    /// to a snapshot, otherwise the key itself.
+    pub fn del_rec(&mut self, rec: &[u8]) -> Result<()> {
+        let e = self.epoch()?;
+        let k = keys::versioned(rec, e);
+        if e > FIRST_EPOCH && self.fs.get_rec_at(rec, e - 1)?.is_some() {
+            self.fs.eng.put(&mut self.batch, Cf::Meta, &k, &[keys::TAG_TOMBSTONE]);
+        } else {
+            self.fs.eng.delete(&mut self.batch, Cf::Meta, &k);
+        }
+        Ok(())
+    }
+
+    fn map_at_write_epoch(&mut self, ino: u64, index: u64) -> Result<Option<MapEntry>> {
+        let fresh = self.touched_maps.insert((ino, index));
+        debug_assert!(fresh, "chunk-map record ({ino}, {index}) touched twice in one txn");
+        let k = keys::versioned(&keys::map_rec(ino, index), self.epoch()?);
+        Ok(match self.fs.eng.get(Cf::Meta, &k)? {
+            Some(v) if v.first() == Some(&keys::TAG_LIVE) => MapEntry::decode(&v[1..]),
+            _ => None,
+        })
+    }
+
+    /// Points chunk `index` of `ino` at a chunk; the body must be supplied with `add_body`
+    /// unless the chunk is known to exist.
+    pub fn put_map(&mut self, ino: u64, index: u64, entry: MapEntry) -> Result<()> {
+        if let Some(old) = self.map_at_write_epoch(ino, index)? {
+            *self.refs.entry(old.id).or_default() -= 1;
+        }
+        *self.refs.entry(entry.id).or_default() += 1;
+        self.put_rec(&keys::map_rec(ino, index), &entry.encode())
+    }
+
+    /// Makes chunk `index` of `ino` a hole.
+    pub fn del_map(&mut self, ino: u64, index: u64) -> Result<()> {
+        if let Some(old) = self.map_at_write_epoch(ino, index)? {
+            *self.refs.entry(old.id).or_default() -= 1;
+        }
+        self.del_rec(&keys::map_rec(ino, index))
+    }
+
+    pub fn add_body(&mut self, id: ChunkId, body: Body) {
+        self.bodies.insert(id, body);
+    }
+
+    pub fn set_orphan(&mut self, ino: u64) {
+        self.fs
+            .eng
+            .put(&mut self.batch, Cf::Meta, &keys::orphan_key(ino), &[]);
+    }
+
+    pub fn clear_orphan(&mut self, ino: u64) {
+        self.fs
+            .eng
+            .delete(&mut self.batch, Cf::Meta, &keys::orphan_key(ino));
+    }
+
+    /// Removes an inode, its chunk map and its xattrs.
+    pub fn purge_inode(&mut self, ino: u64) -> Result<()> {
+        for (rec, _) in self.fs.scan_recs(&keys::map_prefix(ino))? {
+            self.del_map(ino, keys::map_index(&rec))?;
+        }
+        for (rec, _) in self.fs.scan_recs(&keys::xattr_prefix(ino))? {
+            self.del_rec(&rec)?;
+        }
+        self.attrs.remove(&ino);
+        self.deleted.insert(ino);
+        self.clear_orphan(ino);
+        Ok(())
+    }
+
+    pub fn alloc_ino(&mut self, meta: &mut MetaState) -> u64 {
+        let ino = meta.next_ino;
+        meta.next_ino += 1;
+        self.fs.eng.put(
+            &mut self.batch,
+            Cf::Meta,
+            &keys::counter_key("next_ino"),
+            &meta.next_ino.to_le_bytes(),
+        );
+        ino
+    }
+
+    /// Writes a plain (unversioned) counter into this transaction.
+    pub fn put_counter(&mut self, name: &str, value: u64) {
+        self.fs.eng.put(
+            &mut self.batch,
+            Cf::Meta,
+            &keys::counter_key(name),
+            &value.to_le_bytes(),
+        );
+    }
+
+    pub fn put_raw(&mut self, key: &[u8], value: &[u8]) {
+        self.fs.eng.put(&mut self.batch, Cf::Meta, key, value);
+    }
+
+    pub fn delete_raw(&mut self, key: &[u8]) {
+        self.fs.eng.delete(&mut self.batch, Cf::Meta, key);
+    }
+
+    /// Deletes a chunk whose count is zero (called by garbage collection).
+    pub fn free_if_unreferenced(&mut self, id: &ChunkId) -> Result<bool> {
+        let rk = keys::refcount_key(id);
+        self.delete_raw(&keys::free_key(id));
+        let Some((count, raw, stored)) = self
+            .fs
+            .eng
+            .get(Cf::Meta, &rk)?
+            .and_then(|v| decode_ref(&v))
+        else {
+            return Ok(false);
+        };
+        if count > 0 || self.refs.contains_key(id) {
+            return Ok(false);
+        }
+        self.delete_raw(&rk);
+        self.fs.eng.delete(&mut self.batch, Cf::Chunks, id);
+        let c = &mut self.freed;
+        c.0 += 1;
+        c.1 += raw as u64;
+        c.2 += stored as u64;
+        Ok(true)
+    }
+
+    pub fn commit(mut self, meta: &mut MetaState, sync: bool) -> Result<()> {
+        let attrs = std::mem::take(&mut self.attrs);
+        for a in attrs.values() {
+            self.put_rec(&crate::keys::inode_rec(a.ino), &a.encode())?;
+        }
+        for ino in std::mem::take(&mut self.deleted) {
+            self.del_rec(&crate::keys::inode_rec(ino))?;
+        }
+        let mut counters = meta.counters;
+        let (freed, freed_raw, freed_stored) = self.freed;
+        if freed > 0 {
+            counters.chunks -= freed;
+            counters.unique_bytes -= freed_raw;
+            counters.stored_bytes -= freed_stored;
+            self.counters_dirty = true;
+        }
+        for (id, delta) in std::mem::take(&mut self.refs) {
+            if delta == 0 {
+                continue;
+            }
+            let rk = keys::refcount_key(&id);
+            let old = self.fs.eng.get(Cf::Meta, &rk)?.and_then(|v| decode_ref(&v));
+            let (count, raw, stored) = match old {
+                Some(r) => r,
+                None if delta > 0 => {
+                    let enc = match self.bodies.remove(&id) {
+                        Some(Body::Encoded(e)) => e,
+                        Some(Body::Raw(r)) => crate::chunk::encode(&r),
+                        None => {
+                            log::error!("internal: new chunk {} has no body", crate::chunk::hex(&id));
+                            return Err(FsError::Io);
+                        }
+                    };
+                    let raw = u32::from_le_bytes(enc[2..6].try_into().expect("header"));
+                    let stored = enc.len() as u32;
+                    self.fs.eng.put(&mut self.batch, Cf::Chunks, &id, &enc);
+                    counters.chunks += 1;
+                    counters.unique_bytes += raw as u64;
+                    counters.stored_bytes += stored as u64;
+                    (0, raw, stored)
+                }
+                None => {
+                    log::error!("refcount of missing chunk {} would drop", crate::chunk::hex(&id));
+                    continue;
+                }
+            };
+            let new = count as i64 + delta;
+            let new = if new < 0 {
+                log::error!("refcount of chunk {} went negative", crate::chunk::hex(&id));
+                0
+            } else {
+                new as u64
+            };
+            counters.referenced_bytes = (counters.referenced_bytes as i64
+                + (new as i64 - count as i64) * raw as i64)
+                .max(0) as u64;
+            self.put_raw(&rk, &encode_ref(new, raw, stored));
+            if new == 0 {
+                self.put_raw(&keys::free_key(&id), &[]);
+            } else if count == 0 && old.is_some() {
+                self.delete_raw(&keys::free_key(&id));
+            }
+            self.counters_dirty = true;
+        }
+        if self.counters_dirty {
+            self.put_counter("chunks", counters.chunks);
+            self.put_counter("unique_bytes", counters.unique_bytes);
+            self.put_counter("stored_bytes", counters.stored_bytes);
+            self.put_counter("referenced_bytes", counters.referenced_bytes);
+        }
+        self.fs.eng.write(self.batch, sync)?;
+        meta.counters = counters;
+        Ok(())
+    }
+}

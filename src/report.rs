@@ -1,0 +1,208 @@
+//! Operator-facing figures: space, ratios, and where a mountpoint's store lives.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fs::Fs;
+use crate::inode::{Attr, Kind};
+use crate::keys;
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StoreStat {
+    pub store: String,
+    pub format_version: u32,
+    pub chunk_size: u64,
+    pub files: u64,
+    pub directories: u64,
+    /// Sum of the sizes of live regular files.
+    pub logical_bytes: u64,
+    /// Bytes referenced by chunk maps (every version kept by a snapshot counts).
+    pub referenced_bytes: u64,
+    /// Uncompressed bytes of unique chunks.
+    pub unique_bytes: u64,
+    /// Compressed bytes of unique chunks, as written into the chunk store.
+    pub stored_bytes: u64,
+    pub chunks: u64,
+    /// Everything under the store directory on disk (RocksDB files, WAL, logs).
+    pub disk_bytes: u64,
+    /// referenced_bytes / unique_bytes.
+    pub dedup_ratio: f64,
+    /// unique_bytes / stored_bytes.
+    pub compression_ratio: f64,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn du(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => du(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+pub fn stat(fs: &Fs, dir: &Path, chunk_size: usize) -> Result<StoreStat, String> {
+    let (mut files, mut directories, mut logical) = (0u64, 0u64, 0u64);
+    let inodes = fs
+        .scan_recs(&[keys::P_INODE])
+        .map_err(|e| format!("cannot scan inodes: {e}"))?;
+    for (rec, p) in inodes {
+        let Some(a) = Attr::decode(keys::be_u64(&rec[1..]), &p) else {
+            continue;
+        };
+        match a.kind {
+            Kind::File => {
+                files += 1;
+                logical += fs.getattr(a.ino).map(|a| a.size).unwrap_or(a.size);
+            }
+            Kind::Dir => directories += 1,
+            _ => {}
+        }
+    }
+    let c = fs.counters();
+    Ok(StoreStat {
+        store: dir.display().to_string(),
+        format_version: crate::store::FORMAT_VERSION,
+        chunk_size: chunk_size as u64,
+        files,
+        directories,
+        logical_bytes: logical,
+        referenced_bytes: c.referenced_bytes,
+        unique_bytes: c.unique_bytes,
+        stored_bytes: c.stored_bytes,
+        chunks: c.chunks,
+        disk_bytes: du(dir),
+        dedup_ratio: ratio(c.referenced_bytes, c.unique_bytes),
+        compression_ratio: ratio(c.unique_bytes, c.stored_bytes),
+    })
+}
+
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+impl StoreStat {
+    pub fn to_text(&self) -> String {
+        format!(
+            "store:             {}\n\
+             format version:    {}\n\
+             chunk size:        {}\n\
+             files:             {}\n\
+             directories:       {}\n\
+             logical bytes:     {} ({})\n\
+             referenced bytes:  {} ({})\n\
+             unique bytes:      {} ({})\n\
+             stored bytes:      {} ({})\n\
+             chunks:            {}\n\
+             disk usage:        {} ({})\n\
+             dedup ratio:       {:.2}x\n\
+             compression ratio: {:.2}x\n",
+            self.store,
+            self.format_version,
+            human(self.chunk_size),
+            self.files,
+            self.directories,
+            self.logical_bytes,
+            human(self.logical_bytes),
+            self.referenced_bytes,
+            human(self.referenced_bytes),
+            self.unique_bytes,
+            human(self.unique_bytes),
+            self.stored_bytes,
+            human(self.stored_bytes),
+            self.chunks,
+            self.disk_bytes,
+            human(self.disk_bytes),
+            self.dedup_ratio,
+            self.compression_ratio,
+        )
+    }
+}
+
+/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A mounted filesystem: (mountpoint, fstype, source).
+pub fn mounts() -> Vec<(PathBuf, String, String)> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let mnt = PathBuf::from(unescape(fields.get(4)?));
+            let fstype = fields.get(sep + 1)?.to_string();
+            let source = unescape(fields.get(sep + 2)?);
+            Some((mnt, fstype, source))
+        })
+        .collect()
+}
+
+pub fn is_mountpoint(p: &Path) -> bool {
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    mounts().iter().any(|(m, _, _)| *m == p)
+}
+
+/// The store directory for a TARGET argument: a store directory, or a snapfs mountpoint.
+pub fn resolve_target(target: &Path) -> Result<PathBuf, String> {
+    if target.join("db").is_dir() {
+        return target
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", target.display()));
+    }
+    let abs = target
+        .canonicalize()
+        .unwrap_or_else(|_| target.to_path_buf());
+    for (mnt, fstype, source) in mounts().into_iter().rev() {
+        if mnt == abs && fstype.starts_with("fuse.snapfs") {
+            return Ok(PathBuf::from(source));
+        }
+    }
+    if !target.exists() {
+        return Err(format!("{} does not exist", target.display()));
+    }
+    Err(format!(
+        "{} is neither a snapfs store directory nor a snapfs mountpoint",
+        target.display()
+    ))
+}

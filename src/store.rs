@@ -1,0 +1,166 @@
+//! A store directory: its lock, its engine, its superblock.
+//!
+//! ```text
+//! STORE_DIR/
+//!   snapfs.lock    exclusive flock held by the one process that has the store open; holds its pid
+//!   db/            RocksDB (column families `meta` and `chunks`)
+//!   control.sock   the running daemon's control socket (mode 0600)
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::{Batch, Cf, Engine};
+use crate::fs::{Creds, Fs};
+use crate::keys::{self, le_u32};
+
+/// Version of the on-disk format this build writes and reads (docs/format.md).
+pub const FORMAT_VERSION: u32 = 1;
+pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
+const MAGIC: &[u8; 8] = b"SNAPFS\0\0";
+
+pub struct Store {
+    pub dir: PathBuf,
+    pub fs: Arc<Fs>,
+    pub chunk_size: usize,
+    _lock: File,
+}
+
+pub fn lock_path(dir: &Path) -> PathBuf {
+    dir.join("snapfs.lock")
+}
+
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
+}
+
+fn is_store(dir: &Path) -> bool {
+    dir.join("db").is_dir()
+}
+
+/// Takes the store's lock, or says who holds it.
+fn lock(dir: &Path) -> Result<File, String> {
+    let path = lock_path(dir);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let locked = crate::sys::try_lock_exclusive(&f)
+        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    if !locked {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let who = match pid.trim() {
+            "" => String::new(),
+            p => format!(" (pid {p})"),
+        };
+        return Err(format!(
+            "store {} is in use by another snapfs process{who}; unmount it first \
+             (snapfs umount MOUNTPOINT) or stop that process",
+            dir.display()
+        ));
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+impl Store {
+    /// Opens (and with `create`, creates) the store in `dir`. `chunk_size` applies only to a
+    /// new store; an existing store keeps the chunk size it was created with.
+    pub fn open(dir: &Path, create: bool, chunk_size: Option<usize>) -> Result<Store, String> {
+        if !dir.exists() {
+            if !create {
+                return Err(format!("store {} does not exist", dir.display()));
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create store {}: {e}", dir.display()))?;
+        }
+        if !dir.is_dir() {
+            return Err(format!("store {} is not a directory", dir.display()));
+        }
+        let fresh = !is_store(dir);
+        if fresh {
+            if !create {
+                return Err(format!("{} is not a snapfs store (no db/)", dir.display()));
+            }
+            let foreign = std::fs::read_dir(dir)
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name() != "snapfs.lock");
+            if foreign {
+                return Err(format!(
+                    "{} is not empty and is not a snapfs store; choose an empty or new directory",
+                    dir.display()
+                ));
+            }
+        }
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+        let lock = lock(&dir)?;
+        let eng = Engine::open(&dir.join("db"))?;
+        let chunk_size = match read_super(&eng)? {
+            Some(cs) => cs,
+            None => {
+                let cs = chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+                if !(4096..=(16 << 20)).contains(&cs) || !cs.is_power_of_two() {
+                    return Err(format!(
+                        "chunk size {cs} is not a power of two between 4 KiB and 16 MiB"
+                    ));
+                }
+                write_super(&eng, cs)?;
+                cs
+            }
+        };
+        let creator = Creds {
+            uid: crate::sys::getuid(),
+            gid: crate::sys::getgid(),
+        };
+        let fs = Fs::new(eng, chunk_size, creator)
+            .map_err(|e| format!("cannot open the filesystem in {}: {e}", dir.display()))?;
+        Ok(Store {
+            dir,
+            fs: Arc::new(fs),
+            chunk_size,
+            _lock: lock,
+        })
+    }
+}
+
+/// Superblock payload: magic, format version u32, chunk size u32 (LE).
+fn read_super(eng: &Engine) -> Result<Option<usize>, String> {
+    let Some(v) = eng
+        .get(Cf::Meta, keys::SUPER_KEY)
+        .map_err(|e| format!("cannot read the superblock: {e}"))?
+    else {
+        return Ok(None);
+    };
+    if v.len() < 16 || &v[..8] != MAGIC {
+        return Err("the superblock is damaged (bad magic); refusing to open".into());
+    }
+    let version = le_u32(&v[8..]);
+    if version > FORMAT_VERSION {
+        return Err(format!(
+            "this store has format version {version}, newer than this snapfs supports \
+             ({FORMAT_VERSION}); upgrade snapfs"
+        ));
+    }
+    Ok(Some(le_u32(&v[12..]) as usize))
+}
+
+fn write_super(eng: &Engine, chunk_size: usize) -> Result<(), String> {
+    let mut v = MAGIC.to_vec();
+    v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    v.extend_from_slice(&(chunk_size as u32).to_le_bytes());
+    let mut b = Batch::new();
+    eng.put(&mut b, Cf::Meta, keys::SUPER_KEY, &v);
+    eng.write(b, true)
+        .map_err(|e| format!("cannot write the superblock: {e}"))
+}

@@ -1,0 +1,105 @@
+//! The one module with `unsafe`: thin wrappers over libc calls that std does not offer.
+//! Each wrapper checks its arguments and turns the C result into an `io::Result`.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+pub fn statvfs(p: &Path) -> io::Result<libc::statvfs> {
+    let c = cstr(p)?;
+    // SAFETY: `st` is a plain C struct that statvfs fills in; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Takes an exclusive, non-blocking advisory lock on an open file.
+pub fn try_lock_exclusive(f: &File) -> io::Result<bool> {
+    // SAFETY: flock on a valid, owned descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// umount2(2); `lazy` detaches a busy mount.
+pub fn umount(p: &Path, lazy: bool) -> io::Result<()> {
+    let c = cstr(p)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string, plain flags.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// syncfs(2) on the filesystem holding `p`: the kernel writes back its dirty pages.
+pub fn syncfs(p: &Path) -> io::Result<()> {
+    let f = File::open(p)?;
+    // SAFETY: syncfs on a valid, owned descriptor.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and threads it spawns later), so
+/// that `wait_for_signal` can take them synchronously.
+pub fn block_exit_signals() -> io::Result<()> {
+    let set = exit_sigset();
+    // SAFETY: `set` is initialised by exit_sigset; old set not requested.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits for one of the signals blocked by `block_exit_signals` and returns its number.
+pub fn wait_for_signal() -> io::Result<i32> {
+    let set = exit_sigset();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised; `sig` is a valid out pointer.
+    let r = unsafe { libc::sigwait(&set, &mut sig) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(sig)
+}
+
+fn exit_sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set before sigaddset uses it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+pub fn getuid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+pub fn getgid() -> u32 {
+    // SAFETY: getgid cannot fail.
+    unsafe { libc::getgid() }
+}

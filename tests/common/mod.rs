@@ -1,0 +1,163 @@
+//! Shared helpers for tests that mount snapfs through the kernel.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_snapfs"))
+}
+
+/// Mount tests need /dev/fuse; without it they say so and return.
+#[macro_export]
+macro_rules! require_fuse {
+    () => {
+        if !std::path::Path::new("/dev/fuse").exists() {
+            eprintln!("SKIPPED: /dev/fuse is absent, this test needs a real FUSE mount");
+            return;
+        }
+    };
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mnt.to_string_lossy().replace(' ', "\\040");
+    text.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.get(4) == Some(&want.as_str()) && l.contains(" fuse.snapfs ")
+    })
+}
+
+pub struct Mount {
+    pub child: Option<Child>,
+    pub store: PathBuf,
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn start(store: &Path, mnt: &Path) -> Mount {
+        Self::start_with(store, mnt, &[])
+    }
+
+    pub fn start_with(store: &Path, mnt: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(mnt).unwrap();
+        let log = store.with_extension("log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("mount")
+            .arg(store)
+            .arg(mnt)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn snapfs mount");
+        let mut m = Mount {
+            child: Some(child),
+            store: store.to_path_buf(),
+            mnt: mnt.canonicalize().unwrap(),
+            log,
+        };
+        let start = Instant::now();
+        while !is_mounted(&m.mnt) {
+            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("snapfs mount exited with {st}: {}", m.log_tail());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "mount timed out: {}", m.log_tail());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Clean unmount through the CLI; waits for the daemon to exit 0.
+    pub fn stop(mut self) {
+        let st = Command::new(bin()).arg("umount").arg(&self.mnt).status().unwrap();
+        assert!(st.success(), "snapfs umount failed: {}", self.log_tail());
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(st.success(), "daemon exited with {st}: {}", self.log_tail());
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL the daemon, then detach the dead mount.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A xorshift generator: tests print their seed so a failure can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn from_env_or_time() -> Rng {
+        let seed = std::env::var("SNAPFS_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("seed: {seed} (replay with SNAPFS_TEST_SEED={seed})");
+        Rng(seed | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}

@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# snapfs benchmark harness: a plain directory on the same disk ("native") vs a
+# snapfs mount, warm-up + N alternating runs, medians and snapfs/native ratio.
+# I/O itself is done by tools/bench_io.py (python3, stdlib only).
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: tools/bench.sh {p1|read|p7|dedup|all} [options]
+
+  p1     write SIZE MiB in 1 MiB write()s + fsync (p1-write), then SIZE MiB as
+         4 files from 2 concurrent writers, each file fsynced (p1-multi)
+  read   read a SIZE MiB file in 1 MiB reads after dropping caches
+  p7     create FILES files of 4 KiB in one directory (no fsync; files/s)
+  dedup  snapfs only: write the same SIZE MiB twice, compare `snapfs stat`
+  all    p1, read, p7, dedup
+
+options:
+  --runs N          timed runs per side after one warm-up run (default 5)
+  --size-mib N      file size for p1/read/dedup (default 1024)
+  --files N         file count for p7 (default 10000)
+  --native-only     skip the snapfs side (harness smoke test)
+  --threads N       pass --threads N to `snapfs mount`
+  --workdir DIR     where test dirs and stores live (default /var/tmp/snapfs-bench)
+  --results DIR     results dir (default WORKDIR/results/YYYYmmdd-HHMMSS)
+env: SNAPFS_BIN (default ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs)
+Must run as root (drop_caches). Refuses to run with less than 8 GiB free.
+EOF
+}
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CMDLINE=$(printf '%q ' "$0" "$@")
+RUNS=5 SIZE_MIB=1024 FILES=10000 NATIVE_ONLY=0 THREADS=""
+WORK=/var/tmp/snapfs-bench RESULTS=""
+SNAPFS="(native only)"
+MIN_FREE_GIB=8
+# snapfs_bin, require_fuse, snapfs_start, snapfs_stop (honour SNAPFS_BIN, SNAPFS_FSTYPE)
+# shellcheck source=SCRIPTDIR/lib-mount.sh
+. "$HERE/lib-mount.sh"
+
+die() { echo "bench.sh: $*" >&2; exit 1; }
+
+CMD=${1:-}
+[[ $CMD =~ ^(p1|read|p7|dedup|all)$ ]] || { usage >&2; exit 2; }
+shift
+while (($#)); do
+    case $1 in
+        --runs) RUNS=$2; shift ;;
+        --size-mib) SIZE_MIB=$2; shift ;;
+        --files) FILES=$2; shift ;;
+        --native-only) NATIVE_ONLY=1 ;;
+        --threads) THREADS=$2; shift ;;
+        --workdir) WORK=$2; shift ;;
+        --results) RESULTS=$2; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option: $1" ;;
+    esac
+    shift
+done
+[[ $RUNS =~ ^[1-9][0-9]*$ && $SIZE_MIB =~ ^[1-9][0-9]*$ && $FILES =~ ^[1-9][0-9]*$ ]] ||
+    die "--runs, --size-mib and --files must be positive integers"
+((SIZE_MIB % 4 == 0)) || die "--size-mib must be a multiple of 4 (p1-multi uses 4 files)"
+[[ -z $THREADS || $THREADS =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer"
+
+# ---------------------------------------------------------------- checks ----
+((EUID == 0)) || die "must run as root (needs /proc/sys/vm/drop_caches)"
+command -v python3 >/dev/null || die "python3 not found"
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+fstype=$(df --output=fstype "$WORK" | tail -n1 | tr -d ' ')
+[[ $fstype != tmpfs && $fstype != ramfs ]] ||
+    die "$WORK is on $fstype; the native baseline must be on the real disk (use --workdir)"
+# A snapfs store may keep deleted data until compaction: allow (RUNS+2) files x2.
+need_mib=$(((RUNS + 2) * SIZE_MIB * 2))
+((need_mib > MIN_FREE_GIB * 1024)) || need_mib=$((MIN_FREE_GIB * 1024))
+avail_mib=$(($(df -B1M --output=avail "$WORK" | tail -n1)))
+((avail_mib >= need_mib)) ||
+    die "only $avail_mib MiB free on $WORK, need at least $need_mib MiB; refusing to run"
+
+SIDES=(native snapfs)
+if ((NATIVE_ONLY)); then
+    SIDES=(native)
+else
+    SNAPFS=$(snapfs_bin) || die "no snapfs binary (build it, set SNAPFS_BIN, or use --native-only)"
+    require_fuse >/dev/null || die "/dev/fuse missing"
+fi
+
+RESULTS=${RESULTS:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+TSV=$RESULTS/results.tsv
+DEDUP_FAILED=0
+NONCE=$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')   # makes every invocation's data new
+
+io() { python3 "$HERE/bench_io.py" "$@"; }
+seed() { echo "$NONCE-$1-$2-$3"; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+{
+    echo "command: $CMDLINE"
+    echo "date:    $(date -Is)"
+    echo "git:     $(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo none)"
+    echo "snapfs:  $SNAPFS"
+    echo "runs=$RUNS size_mib=$SIZE_MIB files=$FILES threads=${THREADS:-default} workdir=$WORK"
+    echo; echo "\$ uname -a"; uname -a
+    echo "\$ nproc"; nproc
+    echo "\$ free -g"; free -g
+    echo "\$ lscpu | grep 'Model name'"; lscpu | grep 'Model name' || true
+    echo "\$ df -T $WORK"; df -T "$WORK"
+    echo "\$ uptime"; uptime
+} >"$RESULTS/env.txt"
+cat "$RESULTS/env.txt"
+echo
+
+# ---------------------------------------------------------- snapfs mount ----
+snap_mount() {   # STORE MNT LOG (one mount at a time: lib-mount.sh tracks one pid)
+    snapfs_start "$1" "$2" "$3" ${THREADS:+--threads "$THREADS"} ||
+        die "snapfs mount $1 $2 failed (log: $3)"
+}
+
+snap_umount() {   # MNT
+    snapfs_stop "$1" ||
+        echo "bench.sh: WARNING: unclean snapfs shutdown of $1" | tee -a "$RESULTS/warnings.txt" >&2
+}
+
+cleanup() { if [[ -n ${SNAPFS_PID:-} ]]; then snapfs_stop "$SNAPFS_MNT" || true; fi; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --------------------------------------------------------- per-bench dirs ---
+declare -A DIR=()      # side -> directory the benchmark writes into
+
+setup() {   # BENCH: fresh native dir and fresh snapfs store + mount
+    local b=$1
+    rm -rf "$WORK/native-$b" "$WORK/store-$b"
+    mkdir -p "$WORK/native-$b"
+    DIR[native]=$WORK/native-$b
+    if ((!NATIVE_ONLY)); then
+        snap_mount "$WORK/store-$b" "$WORK/mnt-$b" "$RESULTS/snapfs-$b.log"
+        DIR[snapfs]=$WORK/mnt-$b
+    fi
+}
+
+teardown() {   # BENCH: record store stats, unmount, delete everything
+    local b=$1
+    if ((!NATIVE_ONLY)); then
+        sync
+        "$SNAPFS" stat "$WORK/mnt-$b" >"$RESULTS/stat-$b.txt" 2>&1 || true
+        snap_umount "$WORK/mnt-$b"
+        du -sb "$WORK/store-$b" >>"$RESULTS/stat-$b.txt"
+        rm -rf "$WORK/store-$b"
+        rmdir "$WORK/mnt-$b" 2>/dev/null || true
+    fi
+    rm -rf "$WORK/native-$b"
+}
+
+alternate() {   # BENCH FN: warm-up, then RUNS x (native, snapfs); FN SIDE DIR RUN
+    local b=$1 fn=$2 run side
+    echo "== $b: warm-up + $RUNS alternating runs (${SIDES[*]})"
+    for run in warmup $(seq 1 "$RUNS"); do
+        for side in "${SIDES[@]}"; do
+            "$fn" "$b" "$side" "${DIR[$side]}" "$run"
+        done
+    done
+    io summarize "$TSV" --bench "$b"
+}
+
+# ------------------------------------------------------------- benchmarks ---
+p1_write_once() {
+    local b=$1 side=$2 dir=$3 run=$4
+    sync
+    io write "$dir/checkpoint.bin" --mib "$SIZE_MIB" --seed "$(seed "$b" "$side" "$run")" \
+        --out "$TSV" --bench "$b" --side "$side" --run "$run"
+    rm -f "$dir/checkpoint.bin"
+    sync
+}
+
+p1_multi_once() {
+    local b=$1 side=$2 dir=$3 run=$4
+    sync
+    io pwrite "$dir" --mib "$SIZE_MIB" --files 4 --writers 2 --seed "$(seed "$b" "$side" "$run")" \
+        --out "$TSV" --bench "$b" --side "$side" --run "$run"
+    rm -f "$dir"/part*.bin
+    sync
+}
+
+read_once() {
+    local b=$1 side=$2 dir=$3 run=$4
+    drop_caches
+    io read "$dir/checkpoint.bin" --expect-mib "$SIZE_MIB" \
+        --out "$TSV" --bench "$b" --side "$side" --run "$run"
+}
+
+p7_once() {
+    local b=$1 side=$2 dir=$3 run=$4
+    sync
+    io smallfiles "$dir/p7-$run" --count "$FILES" --size 4096 --seed "$(seed "$b" "$side" "$run")" \
+        --out "$TSV" --bench "$b" --side "$side" --run "$run"
+    sync   # flush outside the timed region
+    rm -rf "${dir:?}/p7-$run"
+    sync
+}
+
+bench_p1() {
+    setup p1-write; alternate p1-write p1_write_once; teardown p1-write
+    setup p1-multi; alternate p1-multi p1_multi_once; teardown p1-multi
+}
+
+bench_read() {
+    local side
+    setup read
+    echo "== read: writing the ${SIZE_MIB} MiB source file on each side (untimed)"
+    for side in "${SIDES[@]}"; do
+        io write "${DIR[$side]}/checkpoint.bin" --mib "$SIZE_MIB" --seed "$(seed read "$side" src)" \
+            --bench read-src --side "$side" --run src
+    done
+    alternate read read_once
+    teardown read
+}
+
+bench_p7() {
+    setup p7; alternate p7 p7_once; teardown p7
+}
+
+dedup_stat() {   # LABEL: snapfs stat --json + du of the store, into results
+    local label=$1 f=$RESULTS/dedup-stat-$1.json stored logical du
+    sync
+    "$SNAPFS" stat "$WORK/mnt-dedup" --json >"$f"
+    read -r stored logical < <(io stored-bytes "$f")
+    du=$(du -sb "$WORK/store-dedup" | cut -f1)
+    printf '%s\t%s\t%s\t%s\n' "$label" "$logical" "$stored" "$du" >>"$RESULTS/dedup.tsv"
+    echo "  -- snapfs stat after: $label"
+    "$SNAPFS" stat "$WORK/mnt-dedup" | sed 's/^/     /'
+    echo "     du -sb store: $du"
+    DEDUP_STORED[$label]=$stored DEDUP_DU[$label]=$du
+}
+
+bench_dedup() {
+    if ((NATIVE_ONLY)); then echo "== dedup: skipped (snapfs only)"; return 0; fi
+    declare -gA DEDUP_STORED=() DEDUP_DU=()
+    local s b=dedup size=$((SIZE_MIB * 1048576)) verdict
+    s=$(seed dedup snapfs content)
+    rm -rf "$WORK/store-dedup"
+    snap_mount "$WORK/store-dedup" "$WORK/mnt-dedup" "$RESULTS/snapfs-dedup.log"
+    printf 'label\tlogical_bytes\tstored_bytes\tdu_store_bytes\n' >"$RESULTS/dedup.tsv"
+    echo "== dedup: same ${SIZE_MIB} MiB content written twice on snapfs"
+    dedup_stat empty
+    io write "$WORK/mnt-dedup/copy1.bin" --mib "$SIZE_MIB" --seed "$s" \
+        --out "$RESULTS/dedup-writes.tsv" --bench dedup --side snapfs --run copy1
+    dedup_stat copy1
+    io write "$WORK/mnt-dedup/copy2.bin" --mib "$SIZE_MIB" --seed "$s" \
+        --out "$RESULTS/dedup-writes.tsv" --bench dedup --side snapfs --run copy2
+    dedup_stat copy2
+    cmp "$WORK/mnt-dedup/copy1.bin" "$WORK/mnt-dedup/copy2.bin" || die "dedup: copies differ"
+    if [[ ${DEDUP_STORED[copy1]} == NA || ${DEDUP_STORED[copy2]} == NA ]]; then
+        verdict="UNKNOWN (no stored-bytes field found in stat --json)"
+    elif ((DEDUP_STORED[copy2] - DEDUP_STORED[copy1] < size / 10)); then
+        verdict="PASS (second copy added < 10% of its size to stored bytes)"
+    else
+        DEDUP_FAILED=1
+        verdict="FAIL (second copy added $((DEDUP_STORED[copy2] - DEDUP_STORED[copy1])) stored bytes)"
+    fi
+    echo "  stored bytes: after copy1 ${DEDUP_STORED[copy1]}, after copy2 ${DEDUP_STORED[copy2]}"
+    echo "  du -sb store: after copy1 ${DEDUP_DU[copy1]}, after copy2 ${DEDUP_DU[copy2]}"
+    echo "  dedup: $verdict" | tee "$RESULTS/dedup-verdict.txt"
+    "$SNAPFS" stat "$WORK/mnt-dedup" >"$RESULTS/stat-$b.txt" 2>&1 || true
+    snap_umount "$WORK/mnt-dedup"
+    rm -rf "$WORK/store-dedup"
+    rmdir "$WORK/mnt-dedup" 2>/dev/null || true
+}
+
+case $CMD in
+    p1) bench_p1 ;;
+    read) bench_read ;;
+    p7) bench_p7 ;;
+    dedup) bench_dedup ;;
+    all) bench_p1; bench_read; bench_p7; bench_dedup ;;
+esac
+
+if [[ -f $TSV || -f $RESULTS/dedup.tsv ]]; then
+    {
+        echo "# snapfs benchmark results"; echo
+        echo '```'; cat "$RESULTS/env.txt"; echo '```'; echo
+        [[ ! -f $TSV ]] || io summarize "$TSV" --json "$RESULTS/summary.json"
+        if [[ -f $RESULTS/dedup.tsv ]]; then
+            echo "### dedup"; echo; echo '```'
+            cat "$RESULTS/dedup.tsv" "$RESULTS/dedup-writes.tsv" "$RESULTS/dedup-verdict.txt"
+            echo '```'
+        fi
+    } >"$RESULTS/summary.md"
+fi
+echo "results: $RESULTS (results.tsv, summary.md, summary.json, env.txt)"
+((!DEDUP_FAILED)) || die "dedup check FAILED (see $RESULTS/dedup.tsv)"
