@@ -136,7 +136,11 @@ mod tests {
 
     #[test]
     fn any_flipped_byte_is_detected() {
-        for data in [vec![1u8; 300_000], pseudo_random(300_000, 3), b"tiny".to_vec()] {
+        for data in [
+            vec![1u8; 300_000],
+            pseudo_random(300_000, 3),
+            b"tiny".to_vec(),
+        ] {
             let id = chunk_id(&data);
             let enc = encode(&data);
             for pos in [0, 1, 2, 5, HEADER_LEN, enc.len() / 2, enc.len() - 1] {

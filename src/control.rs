@@ -128,7 +128,12 @@ pub fn call(store_dir: &Path, req: &Request) -> Result<Option<Response>, String>
         {
             return Ok(None)
         }
-        Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", path.display())),
+        Err(e) => {
+            return Err(format!(
+                "cannot reach the daemon at {}: {e}",
+                path.display()
+            ))
+        }
     };
     let _ = conn.set_read_timeout(Some(Duration::from_secs(600)));
     let mut w = conn
@@ -142,7 +147,7 @@ pub fn call(store_dir: &Path, req: &Request) -> Result<Option<Response>, String>
     BufReader::new(conn)
         .read_line(&mut line)
         .map_err(|e| format!("no answer from the daemon: {e}"))?;
-    let resp: Response =
-        serde_json::from_str(line.trim()).map_err(|e| format!("bad answer from the daemon: {e}"))?;
+    let resp: Response = serde_json::from_str(line.trim())
+        .map_err(|e| format!("bad answer from the daemon: {e}"))?;
     Ok(Some(resp))
 }

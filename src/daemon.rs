@@ -54,7 +54,10 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     }
     let mnt = check_mountpoint(&a.mountpoint)?;
     if a.threads == 0 || a.threads > 64 {
-        return Err(format!("--threads must be between 1 and 64, not {}", a.threads));
+        return Err(format!(
+            "--threads must be between 1 and 64, not {}",
+            a.threads
+        ));
     }
     let store = Store::open(&a.store, true, a.chunk_size)?;
     log::info!(

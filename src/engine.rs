@@ -121,7 +121,9 @@ impl Engine {
             Cf::Meta => CF_META,
             Cf::Chunks => CF_CHUNKS,
         };
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -142,9 +144,11 @@ impl Engine {
     pub fn scan<'a>(&'a self, cf: Cf, prefix: &[u8], from: &[u8]) -> Scan<'a> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(crate::keys::prefix_end(prefix));
-        let it = self
-            .db
-            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(from, Direction::Forward));
+        let it = self.db.iterator_cf_opt(
+            self.cf(cf),
+            ro,
+            IteratorMode::From(from, Direction::Forward),
+        );
         Scan { it }
     }
 
@@ -202,8 +206,9 @@ impl Iterator for Scan<'_> {
     type Item = Result<(Vec<u8>, Vec<u8>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.it
-            .next()
-            .map(|r| r.map(|(k, v)| (k.into_vec(), v.into_vec())).map_err(FsError::from))
+        self.it.next().map(|r| {
+            r.map(|(k, v)| (k.into_vec(), v.into_vec()))
+                .map_err(FsError::from)
+        })
     }
 }

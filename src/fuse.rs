@@ -233,7 +233,10 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.fs.mkdir(parent.0, name.as_bytes(), mode, creds(req)));
+        reply_entry(
+            reply,
+            self.fs.mkdir(parent.0, name.as_bytes(), mode, creds(req)),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -328,7 +331,10 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.handle(fh).and_then(|h| self.fs.write(&h, offset, data)) {
+        match self
+            .handle(fh)
+            .and_then(|h| self.fs.write(&h, offset, data))
+        {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -496,7 +502,13 @@ impl Filesystem for FuseFs {
     ) {
         let r = self
             .fs
-            .mknod(parent.0, name.as_bytes(), libc::S_IFREG | (mode & 0o7777), 0, creds(req))
+            .mknod(
+                parent.0,
+                name.as_bytes(),
+                libc::S_IFREG | (mode & 0o7777),
+                0,
+                creds(req),
+            )
             .and_then(|a| {
                 let h = self.fs.open(a.ino, wants_write(OpenFlags(flags)))?;
                 Ok((a, self.register(h)))

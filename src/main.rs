@@ -11,7 +11,11 @@ use snapfs::report;
 use snapfs::store::Store;
 
 #[derive(Parser)]
-#[command(name = "snapfs", version, about = "A snapshotting FUSE filesystem for training data")]
+#[command(
+    name = "snapfs",
+    version,
+    about = "A snapshotting FUSE filesystem for training data"
+)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "info")]
@@ -53,7 +57,7 @@ enum Cmd {
     },
 }
 
-fn stat(target: &PathBuf, json: bool) -> Result<(), String> {
+fn stat(target: &std::path::Path, json: bool) -> Result<(), String> {
     let dir = report::resolve_target(target)?;
     let s = match control::call(&dir, &Request::Stat)? {
         Some(resp) if resp.ok => resp.stat.ok_or("daemon sent no figures")?,
@@ -64,7 +68,10 @@ fn stat(target: &PathBuf, json: bool) -> Result<(), String> {
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+        );
     } else {
         print!("{}", s.to_text());
     }

@@ -148,8 +148,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -194,7 +196,10 @@ pub fn resolve_target(target: &Path) -> Result<PathBuf, String> {
         .canonicalize()
         .unwrap_or_else(|_| target.to_path_buf());
     for (mnt, fstype, source) in mounts().into_iter().rev() {
-        if mnt == abs && fstype.starts_with("fuse.snapfs") {
+        // fuser's direct mount(2) drops the subtype, so the type may be plain "fuse"; the
+        // source is the store directory either way.
+        let fuse = fstype == "fuse" || fstype == "fuse.snapfs";
+        if mnt == abs && fuse && Path::new(&source).join("db").is_dir() {
             return Ok(PathBuf::from(source));
         }
     }

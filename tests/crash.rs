@@ -59,8 +59,12 @@ fn writer(mnt: PathBuf, cycle: u32, seed: u64, manifest: Manifest, stop: Arc<Ato
 fn verify(mnt: &Path, manifest: &Manifest) -> usize {
     let m = manifest.lock().unwrap();
     for (rel, hash) in m.iter() {
-        let data = fs::read(mnt.join(rel))
-            .unwrap_or_else(|e| panic!("LOST: {} acknowledged by fsync is unreadable: {e}", rel.display()));
+        let data = fs::read(mnt.join(rel)).unwrap_or_else(|e| {
+            panic!(
+                "LOST: {} acknowledged by fsync is unreadable: {e}",
+                rel.display()
+            )
+        });
         assert_eq!(
             blake3::hash(&data).as_bytes(),
             hash,
@@ -104,6 +108,9 @@ fn kill9_loses_nothing_that_was_fsynced() {
     let m = Mount::start(&store, &mnt);
     let n = verify(&m.mnt, &manifest);
     m.stop();
-    assert!(n > 0, "the writer recorded nothing: the test proved nothing");
+    assert!(
+        n > 0,
+        "the writer recorded nothing: the test proved nothing"
+    );
     eprintln!("{n} fsynced files verified after {cycles} kill -9 cycles, 0 lost");
 }

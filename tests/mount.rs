@@ -58,14 +58,21 @@ fn data_and_metadata_survive_remount() {
     let m = Mount::start(&store, &mnt);
     assert_eq!(fs::read(m.path("a/b/big")).unwrap(), big);
     assert_eq!(fs::read(m.path("small")).unwrap(), b"hello");
-    assert_eq!(fs::read_link(m.path("link")).unwrap().to_str(), Some("a/b/big"));
+    assert_eq!(
+        fs::read_link(m.path("link")).unwrap().to_str(),
+        Some("a/b/big")
+    );
     for (p, old) in &before {
         let new = fs::symlink_metadata(m.path(p)).unwrap();
         assert_eq!(new.size(), old.size(), "{p} size");
         assert_eq!(new.mode(), old.mode(), "{p} mode");
         assert_eq!(new.nlink(), old.nlink(), "{p} nlink");
         assert_eq!((new.uid(), new.gid()), (old.uid(), old.gid()), "{p} owner");
-        assert_eq!((new.mtime(), new.mtime_nsec()), (old.mtime(), old.mtime_nsec()), "{p} mtime");
+        assert_eq!(
+            (new.mtime(), new.mtime_nsec()),
+            (old.mtime(), old.mtime_nsec()),
+            "{p} mtime"
+        );
         assert_eq!(new.ino(), old.ino(), "{p} ino");
     }
     let small = fs::metadata(m.path("small")).unwrap();
@@ -76,7 +83,10 @@ fn data_and_metadata_survive_remount() {
     assert_eq!(sparse.len(), (3 << 20) + 3);
     assert!(sparse[..3 << 20].iter().all(|b| *b == 0));
     if have_attr_tools {
-        assert_eq!(xattr_get(&m.path("small"), "user.note").as_deref(), Some(&b"kept"[..]));
+        assert_eq!(
+            xattr_get(&m.path("small"), "user.note").as_deref(),
+            Some(&b"kept"[..])
+        );
     } else {
         eprintln!("note: setfattr/getfattr not installed; xattrs are covered by core tests");
     }
@@ -110,7 +120,9 @@ fn corrupted_store_reads_as_eio() {
     let m = Mount::start(&store, &mnt);
     let mut f = fs::File::open(m.path("victim")).unwrap();
     let mut buf = Vec::new();
-    let err = f.read_to_end(&mut buf).expect_err("corrupt data was returned");
+    let err = f
+        .read_to_end(&mut buf)
+        .expect_err("corrupt data was returned");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_ne!(buf, content);
     drop(f);
@@ -125,7 +137,10 @@ fn clear_errors_for_bad_mounts() {
     let mnt = t.path().join("mnt");
     let run = |args: &[&std::path::Path]| {
         let out = Command::new(bin()).args(args).output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let missing = t.path().join("missing");
     let (code, err) = run(&["mount".as_ref(), store.as_path(), missing.as_path()]);
@@ -165,7 +180,11 @@ fn stat_reports_dedup_online_and_offline() {
             .arg("--json")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let online = stat(&m.mnt);

@@ -16,13 +16,14 @@
 # Operations exercised: pread/pwrite, mmap reads, mmap writes (+msync),
 # msync(MS_INVALIDATE), ftruncate (shrink and extend), fsync, fdatasync,
 # close/reopen, posix_fallocate (mode 0; glibc falls back to writing zeroes
-# if the file system answers EOPNOTSUPP), sendfile, posix_fadvise and
-# copy_file_range (the kernel falls back to a splice copy if the FUSE
-# file system does not implement it).
-# Disabled: punch_hole -- fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE)
-# has no fallback and fsx aborts on EOPNOTSUPP; snapfs does not implement
-# hole punching.  fsx-rs has no zero-range, collapse-range or insert-range
-# operations, so there is nothing else to disable.
+# if the file system answers EOPNOTSUPP), punch_hole
+# (fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE), which snapfs
+# implements; it has no fallback, so a file system without it needs
+# FSX_DISABLE=punch_hole), sendfile, posix_fadvise and copy_file_range (the
+# kernel falls back to a splice copy if a FUSE file system lacks it).
+# Disabled: nothing.  fsx-rs has no zero-range, collapse-range or
+# insert-range operations (the fallocate modes snapfs rejects), so there is
+# nothing to turn off for them.
 #
 # Output: seed, timing, log path; on failure the head (miscompare details)
 # and tail (last operations) of fsx's output.  The very last line is
@@ -163,7 +164,7 @@ declare -A weight=(
     [fsync]=1
     [fdatasync]=1
     [posix_fallocate]=1
-    [punch_hole]=0 # see header: no FALLOC_FL_PUNCH_HOLE in snapfs
+    [punch_hole]=1
     [sendfile]=1
     [posix_fadvise]=1
     [copy_file_range]=1
@@ -206,6 +207,9 @@ else
     mkdir -p "$STORE" "$MNT"
     echo "starting snapfs: store $STORE, mount point $MNT, daemon log $DAEMON_LOG"
     snapfs_start "$STORE" "$MNT" "$DAEMON_LOG" || setup_fail "snapfs did not mount (see $DAEMON_LOG)"
+    # Never test the bare mount-point directory by mistake.
+    [[ $(stat -f -c %t -- "$MNT") == 65735546 ]] ||
+        setup_fail "$MNT is not a FUSE mount after snapfs_start"
     dir=$MNT
     what="snapfs mounted at $MNT (pid $SNAPFS_PID)"
 fi

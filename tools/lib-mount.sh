@@ -18,7 +18,9 @@
 #                         ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs)
 #   SNAPFS_MOUNT_OPTS     extra arguments for `snapfs mount`, word-split
 #                         (e.g. "--threads 2 --log-level debug")
-#   SNAPFS_FSTYPE         fstype expected in /proc/mounts (default fuse.snapfs)
+#   SNAPFS_FSTYPE         fstype expected in /proc/mounts (default fuse.snapfs;
+#                         plain "fuse" is accepted when the mount's source is
+#                         the store directory, see snapfs_is_mounted)
 #   SNAPFS_MOUNT_TIMEOUT  seconds to wait for the mount to appear (default 30)
 #   SNAPFS_STOP_TIMEOUT   seconds to wait for the daemon to exit after the
 #                         umount before it is killed (default 30)
@@ -77,11 +79,21 @@ snapfs_mount_fstype() {
     awk -v m="$field" '$2 == m { t = $3 } END { if (t == "") exit 1; print t }' /proc/mounts
 }
 
-# snapfs_is_mounted MNT: true if a snapfs (SNAPFS_FSTYPE) mount is on MNT.
+# snapfs_is_mounted MNT [STORE]: true if snapfs is mounted on MNT: fstype
+# SNAPFS_FSTYPE (fuse.snapfs), or plain "fuse" -- fuser's own mount(2) path
+# drops the subtype -- whose source (snapfs's FSName, the store directory)
+# is STORE when STORE is given.
 snapfs_is_mounted() {
-    local t
-    t=$(snapfs_mount_fstype "$1") || return 1
-    [[ $t == "${SNAPFS_FSTYPE:-fuse.snapfs}" ]]
+    local field t src store
+    field=$(_snapfs_mnt_field "$(_snapfs_abspath "$1")")
+    read -r t src < <(awk -v m="$field" '$2 == m { t = $3; s = $1 }
+        END { if (t != "") print t, s }' /proc/mounts) || return 1
+    [[ -n ${t:-} ]] || return 1
+    [[ $t == "${SNAPFS_FSTYPE:-fuse.snapfs}" ]] && return 0
+    [[ $t == fuse ]] || return 1
+    (($# >= 2)) || return 0
+    store=$(_snapfs_mnt_field "$(_snapfs_abspath "$2")")
+    [[ $src == "$store" || $src == "$(_snapfs_mnt_field "$2")" ]]
 }
 
 # _snapfs_pid_alive PID: true while PID exists and is not a zombie.
@@ -178,7 +190,7 @@ snapfs_start() {
 
     local deadline
     deadline=$(($(_snapfs_now_ms) + timeout * 1000))
-    while ! snapfs_is_mounted "$mnt"; do
+    while ! snapfs_is_mounted "$mnt" "$store"; do
         if ! _snapfs_pid_alive "$SNAPFS_PID"; then
             _snapfs_reap "$SNAPFS_PID"
             _snapfs_err "error: snapfs mount exited with status $_SNAPFS_RC before $mnt was mounted"
@@ -187,9 +199,9 @@ snapfs_start() {
             return 1
         fi
         if (($(_snapfs_now_ms) >= deadline)); then
-            _snapfs_err "error: $mnt did not appear in /proc/mounts as ${SNAPFS_FSTYPE:-fuse.snapfs} within ${timeout}s"
+            _snapfs_err "error: $mnt did not appear in /proc/mounts as ${SNAPFS_FSTYPE:-fuse.snapfs} (or fuse from $store) within ${timeout}s"
             if t=$(snapfs_mount_fstype "$mnt"); then
-                _snapfs_err "       (it is mounted, but with fstype '$t')"
+                _snapfs_err "       (something is mounted there with fstype '$t')"
             fi
             _snapfs_log_tail "$log"
             kill -TERM "$SNAPFS_PID" 2>/dev/null || true

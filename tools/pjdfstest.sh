@@ -222,6 +222,9 @@ else
     # --allow-other: the multi-user tests switch to unprivileged uids, which
     # FUSE would otherwise refuse access to a root-owned mount.
     snapfs_start "$STORE" "$MNT" "$DAEMON_LOG" --allow-other || setup_fail "snapfs did not mount (see $DAEMON_LOG)"
+    # Never test the bare mount-point directory by mistake.
+    [[ $(stat -f -c %t -- "$MNT") == 65735546 ]] ||
+        setup_fail "$MNT is not a FUSE mount after snapfs_start"
     testdir=$MNT
     what="snapfs mounted at $MNT (pid $SNAPFS_PID)"
 fi

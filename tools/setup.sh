@@ -17,7 +17,7 @@ for p in fuse3 libclang-dev clang g++ make pkg-config; do
   have_pkg "$p" || need+=("$p")
 done
 if [ "$want_test" = 1 ]; then
-  for p in fio attr perl; do
+  for p in fio attr acl libacl1-dev perl; do
     have_pkg "$p" || need+=("$p")
   done
 fi

@@ -108,15 +108,17 @@ impl Fs {
             let idx = off / cs;
             let within = (off % cs) as usize;
             let n = (self.chunk_size - within).min(data.len() - pos);
-            if !st.buffers.contains_key(&idx) {
-                let initial = if within == 0 && n == self.chunk_size {
-                    Vec::with_capacity(self.chunk_size)
-                } else {
-                    self.stored_chunk(h.ino, idx)?
-                };
-                st.buffers.insert(idx, initial);
-            }
-            let buf = st.buffers.get_mut(&idx).expect("inserted above");
+            let buf = match st.buffers.entry(idx) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let initial = if within == 0 && n == self.chunk_size {
+                        Vec::with_capacity(self.chunk_size)
+                    } else {
+                        self.stored_chunk(h.ino, idx)?
+                    };
+                    e.insert(initial)
+                }
+            };
             if buf.len() < within {
                 buf.resize(within, 0);
             }
@@ -308,7 +310,7 @@ impl Fs {
         let size = h.file.state.read().size;
         let end = end.min(size);
         let mut pos = offset;
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         while pos < end {
             let n = (end - pos).min(ZEROS.len() as u64) as usize;
             self.write(h, pos, &ZEROS[..n])?;

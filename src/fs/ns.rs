@@ -277,7 +277,12 @@ impl Fs {
         let dst = self.find(newparent, newname)?;
         if flags & RENAME_EXCHANGE != 0 {
             let dst = dst.ok_or(FsError::NotFound)?;
-            return self.exchange(txn, &mut meta, (parent, name, src), (newparent, newname, dst));
+            return self.exchange(
+                txn,
+                &mut meta,
+                (parent, name, src),
+                (newparent, newname, dst),
+            );
         }
         if let Some(d) = dst {
             if flags & RENAME_NOREPLACE != 0 {

@@ -24,7 +24,9 @@ fn data(n: usize, seed: u64) -> Vec<u8> {
 }
 
 fn write_file(fs: &Fs, parent: u64, name: &str, content: &[u8]) -> u64 {
-    let a = fs.mknod(parent, name.as_bytes(), libc::S_IFREG | 0o644, 0, ME).unwrap();
+    let a = fs
+        .mknod(parent, name.as_bytes(), libc::S_IFREG | 0o644, 0, ME)
+        .unwrap();
     let h = fs.open(a.ino, true).unwrap();
     fs.write(&h, 0, content).unwrap();
     fs.release(&h).unwrap();
@@ -73,9 +75,15 @@ fn partial_overwrite_and_unaligned_reads() {
     fs.write(&h, off as u64, &patch).unwrap();
     model[off..off + patch.len()].copy_from_slice(&patch);
     // Read before and after sealing.
-    assert_eq!(fs.read(&h, off as u64 - 10, 6000).unwrap(), model[off - 10..off + 5990]);
+    assert_eq!(
+        fs.read(&h, off as u64 - 10, 6000).unwrap(),
+        model[off - 10..off + 5990]
+    );
     fs.flush(&h).unwrap();
-    assert_eq!(fs.read(&h, off as u64 - 10, 6000).unwrap(), model[off - 10..off + 5990]);
+    assert_eq!(
+        fs.read(&h, off as u64 - 10, 6000).unwrap(),
+        model[off - 10..off + 5990]
+    );
     fs.release(&h).unwrap();
     assert_eq!(read_all(fs, ino), model);
 }
@@ -85,7 +93,9 @@ fn holes_and_truncate() {
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
     let fs = &s.fs;
-    let a = fs.mknod(ROOT_INO, b"sparse", libc::S_IFREG | 0o600, 0, ME).unwrap();
+    let a = fs
+        .mknod(ROOT_INO, b"sparse", libc::S_IFREG | 0o600, 0, ME)
+        .unwrap();
     let h = fs.open(a.ino, true).unwrap();
     fs.write(&h, (CS * 5) as u64, b"tail").unwrap();
     fs.flush(&h).unwrap();
@@ -118,7 +128,10 @@ fn namespace_rules() {
     assert_eq!(fs.unlink(ROOT_INO, b"d"), Err(FsError::IsDir));
     assert_eq!(fs.rmdir(d.ino, b"f"), Err(FsError::NotDir));
     assert_eq!(fs.lookup(d.ino, &[b'x'; 256]), Err(FsError::NameTooLong));
-    assert_eq!(fs.mkdir(ROOT_INO, &[b'x'; 256], 0o755, ME), Err(FsError::NameTooLong));
+    assert_eq!(
+        fs.mkdir(ROOT_INO, &[b'x'; 256], 0o755, ME),
+        Err(FsError::NameTooLong)
+    );
     fs.mkdir(ROOT_INO, &[b'x'; 255], 0o755, ME).unwrap();
     // Hard links.
     let l = fs.link(f, ROOT_INO, b"hard").unwrap();
@@ -132,7 +145,12 @@ fn namespace_rules() {
     let sl = fs.symlink(ROOT_INO, b"sl", b"/target/path", ME).unwrap();
     assert_eq!(sl.kind, Kind::Symlink);
     assert_eq!(fs.readlink(sl.ino).unwrap(), b"/target/path");
-    let names: Vec<Vec<u8>> = fs.readdir(ROOT_INO).unwrap().into_iter().map(|e| e.name).collect();
+    let names: Vec<Vec<u8>> = fs
+        .readdir(ROOT_INO)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert!(names.contains(&b"hard".to_vec()) && names.contains(&b"sl".to_vec()));
     assert_eq!(&names[..2], &[b".".to_vec(), b"..".to_vec()]);
 }
@@ -155,13 +173,17 @@ fn rename_semantics() {
         fs.rename(ROOT_INO, b"b", ROOT_INO, b"c", ns::RENAME_NOREPLACE),
         Err(FsError::Exists)
     );
-    fs.rename(ROOT_INO, b"b", ROOT_INO, b"c", ns::RENAME_EXCHANGE).unwrap();
+    fs.rename(ROOT_INO, b"b", ROOT_INO, b"c", ns::RENAME_EXCHANGE)
+        .unwrap();
     assert_eq!(fs.lookup(ROOT_INO, b"c").unwrap().ino, a);
     assert_eq!(fs.lookup(ROOT_INO, b"b").unwrap().ino, c);
     // Directories: into own subtree is refused; move updates nlink and "..".
     let d1 = fs.mkdir(ROOT_INO, b"d1", 0o755, ME).unwrap();
     let d2 = fs.mkdir(d1.ino, b"d2", 0o755, ME).unwrap();
-    assert_eq!(fs.rename(ROOT_INO, b"d1", d2.ino, b"x", 0), Err(FsError::Invalid));
+    assert_eq!(
+        fs.rename(ROOT_INO, b"d1", d2.ino, b"x", 0),
+        Err(FsError::Invalid)
+    );
     fs.rename(d1.ino, b"d2", ROOT_INO, b"d2", 0).unwrap();
     assert_eq!(fs.getattr(d1.ino).unwrap().nlink, 2);
     assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 4);
@@ -169,9 +191,18 @@ fn rename_semantics() {
     assert_eq!(dots[1].ino, ROOT_INO);
     // Dir over non-empty dir, file over dir, dir over file.
     write_file(fs, d1.ino, "inner", b"x");
-    assert_eq!(fs.rename(ROOT_INO, b"d2", ROOT_INO, b"d1", 0), Err(FsError::NotEmpty));
-    assert_eq!(fs.rename(ROOT_INO, b"b", ROOT_INO, b"d2", 0), Err(FsError::IsDir));
-    assert_eq!(fs.rename(ROOT_INO, b"d2", ROOT_INO, b"b", 0), Err(FsError::NotDir));
+    assert_eq!(
+        fs.rename(ROOT_INO, b"d2", ROOT_INO, b"d1", 0),
+        Err(FsError::NotEmpty)
+    );
+    assert_eq!(
+        fs.rename(ROOT_INO, b"b", ROOT_INO, b"d2", 0),
+        Err(FsError::IsDir)
+    );
+    assert_eq!(
+        fs.rename(ROOT_INO, b"d2", ROOT_INO, b"b", 0),
+        Err(FsError::NotDir)
+    );
     // Dir over empty dir.
     let e = fs.mkdir(ROOT_INO, b"empty", 0o755, ME).unwrap();
     fs.rename(ROOT_INO, b"d2", ROOT_INO, b"empty", 0).unwrap();
@@ -268,12 +299,22 @@ fn xattrs() {
     let ino = write_file(fs, ROOT_INO, "f", b"x");
     assert_eq!(fs.getxattr(ino, b"user.a"), Err(FsError::NoData));
     fs.setxattr(ino, b"user.a", b"1", 0).unwrap();
-    assert_eq!(fs.setxattr(ino, b"user.a", b"2", ns::XATTR_CREATE), Err(FsError::Exists));
-    assert_eq!(fs.setxattr(ino, b"user.b", b"2", ns::XATTR_REPLACE), Err(FsError::NoData));
-    fs.setxattr(ino, b"user.a", b"3", ns::XATTR_REPLACE).unwrap();
+    assert_eq!(
+        fs.setxattr(ino, b"user.a", b"2", ns::XATTR_CREATE),
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        fs.setxattr(ino, b"user.b", b"2", ns::XATTR_REPLACE),
+        Err(FsError::NoData)
+    );
+    fs.setxattr(ino, b"user.a", b"3", ns::XATTR_REPLACE)
+        .unwrap();
     fs.setxattr(ino, b"user.b", b"", 0).unwrap();
     assert_eq!(fs.getxattr(ino, b"user.a").unwrap(), b"3");
-    assert_eq!(fs.listxattr(ino).unwrap(), vec![b"user.a".to_vec(), b"user.b".to_vec()]);
+    assert_eq!(
+        fs.listxattr(ino).unwrap(),
+        vec![b"user.a".to_vec(), b"user.b".to_vec()]
+    );
     fs.removexattr(ino, b"user.a").unwrap();
     assert_eq!(fs.removexattr(ino, b"user.a"), Err(FsError::NoData));
     assert_eq!(fs.listxattr(ino).unwrap(), vec![b"user.b".to_vec()]);
@@ -325,12 +366,22 @@ fn sgid_directories_pass_group() {
     let t = tempfile::tempdir().unwrap();
     let s = store(t.path());
     let fs = &s.fs;
-    let d = fs.mkdir(ROOT_INO, b"g", 0o2775, Creds { uid: 0, gid: 50 }).unwrap();
+    let d = fs
+        .mkdir(ROOT_INO, b"g", 0o2775, Creds { uid: 0, gid: 50 })
+        .unwrap();
     let f = fs
-        .mknod(d.ino, b"f", libc::S_IFREG | 0o644, 0, Creds { uid: 7, gid: 8 })
+        .mknod(
+            d.ino,
+            b"f",
+            libc::S_IFREG | 0o644,
+            0,
+            Creds { uid: 7, gid: 8 },
+        )
         .unwrap();
     assert_eq!(f.gid, 50);
-    let sub = fs.mkdir(d.ino, b"s", 0o755, Creds { uid: 7, gid: 8 }).unwrap();
+    let sub = fs
+        .mkdir(d.ino, b"s", 0o755, Creds { uid: 7, gid: 8 })
+        .unwrap();
     assert_eq!(sub.gid, 50);
     assert_ne!(sub.perm & libc::S_ISGID as u16, 0);
 }

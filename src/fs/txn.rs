@@ -37,7 +37,13 @@ pub(crate) struct Txn<'a> {
 
 /// Refcount value: count, raw length, stored length.
 fn decode_ref(v: &[u8]) -> Option<(u64, u32, u32)> {
-    (v.len() == 16).then(|| (keys::le_u64(v), keys::le_u32(&v[8..]), keys::le_u32(&v[12..])))
+    (v.len() == 16).then(|| {
+        (
+            keys::le_u64(v),
+            keys::le_u32(&v[8..]),
+            keys::le_u32(&v[12..]),
+        )
+    })
 }
 
 fn encode_ref(count: u64, raw: u32, stored: u32) -> Vec<u8> {
@@ -85,7 +91,9 @@ impl<'a> Txn<'a> {
 
     pub fn put_rec(&mut self, rec: &[u8], value_with_tag: &[u8]) -> Result<()> {
         let k = keys::versioned(rec, self.epoch()?);
-        self.fs.eng.put(&mut self.batch, Cf::Meta, &k, value_with_tag);
+        self.fs
+            .eng
+            .put(&mut self.batch, Cf::Meta, &k, value_with_tag);
         Ok(())
     }
 
@@ -95,7 +103,9 @@ impl<'a> Txn<'a> {
         let e = self.epoch()?;
         let k = keys::versioned(rec, e);
         if e > FIRST_EPOCH && self.fs.get_rec_at(rec, e - 1)?.is_some() {
-            self.fs.eng.put(&mut self.batch, Cf::Meta, &k, &[keys::TAG_TOMBSTONE]);
+            self.fs
+                .eng
+                .put(&mut self.batch, Cf::Meta, &k, &[keys::TAG_TOMBSTONE]);
         } else {
             self.fs.eng.delete(&mut self.batch, Cf::Meta, &k);
         }
@@ -104,7 +114,10 @@ impl<'a> Txn<'a> {
 
     fn map_at_write_epoch(&mut self, ino: u64, index: u64) -> Result<Option<MapEntry>> {
         let fresh = self.touched_maps.insert((ino, index));
-        debug_assert!(fresh, "chunk-map record ({ino}, {index}) touched twice in one txn");
+        debug_assert!(
+            fresh,
+            "chunk-map record ({ino}, {index}) touched twice in one txn"
+        );
         let k = keys::versioned(&keys::map_rec(ino, index), self.epoch()?);
         Ok(match self.fs.eng.get(Cf::Meta, &k)? {
             Some(v) if v.first() == Some(&keys::TAG_LIVE) => MapEntry::decode(&v[1..]),
@@ -194,11 +207,8 @@ impl<'a> Txn<'a> {
     pub fn free_if_unreferenced(&mut self, id: &ChunkId) -> Result<bool> {
         let rk = keys::refcount_key(id);
         self.delete_raw(&keys::free_key(id));
-        let Some((count, raw, stored)) = self
-            .fs
-            .eng
-            .get(Cf::Meta, &rk)?
-            .and_then(|v| decode_ref(&v))
+        let Some((count, raw, stored)) =
+            self.fs.eng.get(Cf::Meta, &rk)?.and_then(|v| decode_ref(&v))
         else {
             return Ok(false);
         };
@@ -243,7 +253,10 @@ impl<'a> Txn<'a> {
                         Some(Body::Encoded(e)) => e,
                         Some(Body::Raw(r)) => crate::chunk::encode(&r),
                         None => {
-                            log::error!("internal: new chunk {} has no body", crate::chunk::hex(&id));
+                            log::error!(
+                                "internal: new chunk {} has no body",
+                                crate::chunk::hex(&id)
+                            );
                             return Err(FsError::Io);
                         }
                     };
@@ -256,7 +269,10 @@ impl<'a> Txn<'a> {
                     (0, raw, stored)
                 }
                 None => {
-                    log::error!("refcount of missing chunk {} would drop", crate::chunk::hex(&id));
+                    log::error!(
+                        "refcount of missing chunk {} would drop",
+                        crate::chunk::hex(&id)
+                    );
                     continue;
                 }
             };

@@ -27,7 +27,8 @@ pub fn is_mounted(mnt: &Path) -> bool {
     let want = mnt.to_string_lossy().replace(' ', "\\040");
     text.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        f.get(4) == Some(&want.as_str()) && l.contains(" fuse.snapfs ")
+        f.get(4) == Some(&want.as_str())
+            && (l.contains(" - fuse ") || l.contains(" - fuse.snapfs "))
     })
 }
 
@@ -72,7 +73,11 @@ impl Mount {
             if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("snapfs mount exited with {st}: {}", m.log_tail());
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "mount timed out: {}", m.log_tail());
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "mount timed out: {}",
+                m.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         m
@@ -90,7 +95,11 @@ impl Mount {
 
     /// Clean unmount through the CLI; waits for the daemon to exit 0.
     pub fn stop(mut self) {
-        let st = Command::new(bin()).arg("umount").arg(&self.mnt).status().unwrap();
+        let st = Command::new(bin())
+            .arg("umount")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
         assert!(st.success(), "snapfs umount failed: {}", self.log_tail());
         let mut child = self.child.take().unwrap();
         let start = Instant::now();
@@ -99,7 +108,10 @@ impl Mount {
                 assert!(st.success(), "daemon exited with {st}: {}", self.log_tail());
                 return;
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "daemon did not exit");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "daemon did not exit"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
