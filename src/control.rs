@@ -1,6 +1,6 @@
 //! The control channel: the daemon answers CLI requests on `STORE/control.sock` (mode 0600),
-//! so the CLI never opens RocksDB while the daemon holds it. One JSON request per line, one
-//! JSON answer per line.
+//! so the CLI never opens RocksDB while the daemon holds it. One JSON request per line; the
+//! daemon answers with zero or more `{"progress": ...}` lines and one final response line.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -11,23 +11,69 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fs::Fs;
+use crate::ops::{self, SnapshotRow};
 use crate::store::socket_path;
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Stat,
     Sync,
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotList,
+    SnapshotDelete {
+        name: String,
+    },
+    SnapshotDiff {
+        a: String,
+        b: Option<String>,
+    },
+    MountSnapshot {
+        name: String,
+        mountpoint: PathBuf,
+    },
+    Restore {
+        name: String,
+        dest: PathBuf,
+        path: Option<String>,
+    },
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, Default)]
 pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stat: Option<crate::report::StoreStat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<Vec<ops::DiffEntry>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// An intermediate progress line (the final line has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+}
+
+impl Response {
+    pub fn fail(msg: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg),
+            ..Default::default()
+        }
+    }
+
+    pub fn ok() -> Response {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
 }
 
 pub struct Server {
@@ -35,26 +81,24 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the socket and serves requests on a background thread.
-    pub fn start(store_dir: &Path, fs: Arc<Fs>, chunk_size: usize) -> Result<Server, String> {
-        let path = socket_path(store_dir);
+    /// Binds the socket and serves requests on background threads.
+    pub fn start(ctx: Arc<ops::Ctx>) -> Result<Server, String> {
+        let path = socket_path(&ctx.store_dir);
         // The store lock is held, so a socket file left here belongs to a dead daemon.
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
             .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
-        let dir = store_dir.to_path_buf();
         std::thread::Builder::new()
             .name("snapfs-control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
-                    let fs = fs.clone();
-                    let dir = dir.clone();
+                    let ctx = ctx.clone();
                     let _ = std::thread::Builder::new()
                         .name("snapfs-control-conn".into())
-                        .spawn(move || serve(conn, &fs, &dir, chunk_size));
+                        .spawn(move || serve(conn, &ctx));
                 }
             })
             .map_err(|e| format!("cannot start control thread: {e}"))?;
@@ -68,7 +112,13 @@ impl Drop for Server {
     }
 }
 
-fn serve(conn: UnixStream, fs: &Fs, dir: &Path, chunk_size: usize) {
+fn send(w: &mut UnixStream, r: &Response) -> bool {
+    let mut out = serde_json::to_vec(r).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).is_ok()
+}
+
+fn serve(conn: UnixStream, ctx: &ops::Ctx) {
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -77,46 +127,38 @@ fn serve(conn: UnixStream, fs: &Fs, dir: &Path, chunk_size: usize) {
     let mut line = String::new();
     while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
         let resp = match serde_json::from_str::<Request>(line.trim()) {
-            Err(e) => fail(format!("bad request: {e}")),
-            Ok(req) => handle(req, fs, dir, chunk_size),
+            Err(e) => Response::fail(format!("bad request: {e}")),
+            Ok(req) => {
+                let mut w = writer.try_clone().ok();
+                let mut progress = |msg: String| {
+                    if let Some(w) = w.as_mut() {
+                        let _ = send(
+                            w,
+                            &Response {
+                                ok: true,
+                                progress: Some(msg),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                };
+                ops::handle(ctx, req, &mut progress)
+            }
         };
         line.clear();
-        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-        out.push(b'\n');
-        if writer.write_all(&out).is_err() {
+        if !send(&mut writer, &resp) {
             return;
         }
     }
 }
 
-fn fail(msg: String) -> Response {
-    Response {
-        ok: false,
-        error: Some(msg),
-        stat: None,
-    }
-}
-
-fn handle(req: Request, fs: &Fs, dir: &Path, chunk_size: usize) -> Response {
-    let ok = |stat| Response {
-        ok: true,
-        error: None,
-        stat,
-    };
-    match req {
-        Request::Stat => match crate::report::stat(fs, dir, chunk_size) {
-            Ok(s) => ok(Some(s)),
-            Err(e) => fail(e),
-        },
-        Request::Sync => match fs.sync_all() {
-            Ok(()) => ok(None),
-            Err(e) => fail(format!("sync failed: {e}")),
-        },
-    }
-}
-
 /// Sends one request to the daemon of `store_dir`. `Ok(None)` when no daemon is listening.
-pub fn call(store_dir: &Path, req: &Request) -> Result<Option<Response>, String> {
+/// Progress lines go to `progress` as they arrive.
+pub fn call(
+    store_dir: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<Response>, String> {
     let path = socket_path(store_dir);
     let conn = match UnixStream::connect(&path) {
         Ok(c) => c,
@@ -135,7 +177,7 @@ pub fn call(store_dir: &Path, req: &Request) -> Result<Option<Response>, String>
             ))
         }
     };
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(600)));
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(24 * 3600)));
     let mut w = conn
         .try_clone()
         .map_err(|e| format!("control socket: {e}"))?;
@@ -143,11 +185,20 @@ pub fn call(store_dir: &Path, req: &Request) -> Result<Option<Response>, String>
     msg.push(b'\n');
     w.write_all(&msg)
         .map_err(|e| format!("cannot send to the daemon: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer from the daemon: {e}"))?;
-    let resp: Response = serde_json::from_str(line.trim())
-        .map_err(|e| format!("bad answer from the daemon: {e}"))?;
-    Ok(Some(resp))
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("no answer from the daemon: {e}"))?;
+        if n == 0 {
+            return Err("the daemon closed the connection without answering".into());
+        }
+        let resp: Response = serde_json::from_str(line.trim())
+            .map_err(|e| format!("bad answer from the daemon: {e}"))?;
+        match resp.progress {
+            Some(p) => progress(&p),
+            None => return Ok(Some(resp)),
+        }
+    }
 }

@@ -1,14 +1,20 @@
 //! The mount lifecycle: check the mountpoint, open the store, mount, serve until unmounted or
-//! signalled, then seal, flush and close.
+//! signalled, then seal, flush and close. Also read-only snapshot mounts, served by the
+//! running daemon or, when none runs, by a process of their own.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
+use parking_lot::Mutex;
 
 use crate::control;
+use crate::fs::Fs;
 use crate::fuse::FuseFs;
+use crate::ops::Ctx;
 use crate::report;
 use crate::store::Store;
+use crate::views::Views;
 
 pub struct MountArgs {
     pub store: PathBuf,
@@ -16,13 +22,72 @@ pub struct MountArgs {
     pub allow_other: bool,
     pub threads: usize,
     pub chunk_size: Option<usize>,
+    /// Mount this snapshot read-only instead of the live tree.
+    pub snapshot: Option<String>,
+    /// List `.snapshots` in the root directory (it is always reachable by name).
+    pub show_snapshots: bool,
+    /// Take a snapshot at this interval, then apply `keep` to automatic snapshots.
+    pub snapshot_every: Option<std::time::Duration>,
+    pub keep: crate::retention::Policy,
 }
 
-fn check_mountpoint(p: &Path) -> Result<PathBuf, String> {
+/// Frees unreferenced chunks once a minute (overwrites and unlinks queue them).
+fn start_gc(fs: std::sync::Weak<Fs>) {
+    let _ = std::thread::Builder::new()
+        .name("snapfs-gc".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            let Some(fs) = fs.upgrade() else { return };
+            match fs.collect_garbage() {
+                Ok(0) => {}
+                Ok(n) => log::info!("garbage collection freed {n} chunks"),
+                Err(e) => log::error!("garbage collection failed: {e}"),
+            }
+        });
+}
+
+/// Takes `auto-<UTC time>` snapshots every `every` and prunes the automatic ones by `keep`.
+fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::retention::Policy) {
+    let spawned = std::thread::Builder::new()
+        .name("snapfs-autosnap".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            if Arc::strong_count(&ctx) == 1 {
+                return; // the daemon is shutting down
+            }
+            let name = crate::retention::auto_name(crate::inode::Time::now().secs);
+            match crate::ops::snapshot_create(&ctx, &name) {
+                Ok(m) => log::info!("{m}"),
+                Err(e) => log::error!("automatic snapshot failed: {e}"),
+            }
+            if keep.is_empty() {
+                continue;
+            }
+            let Ok(list) = ctx.fs.snapshot_list() else {
+                continue;
+            };
+            let autos: Vec<(String, i64)> = list
+                .into_iter()
+                .filter(|s| s.name.starts_with("auto-"))
+                .map(|s| (s.name, s.created))
+                .collect();
+            for name in crate::retention::select(&autos, &keep).1 {
+                match crate::ops::snapshot_delete(&ctx, &name) {
+                    Ok(m) => log::info!("retention: {m}"),
+                    Err(e) => log::warn!("retention: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start automatic snapshots: {e}");
+    }
+}
+
+pub fn check_mountpoint(p: &Path) -> Result<PathBuf, String> {
     let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!("mountpoint {} does not exist", p.display()),
         _ => format!(
-            "mountpoint {} is not usable: {e} (a stale mount? try: snapfs umount {})",
+            "mountpoint {} is not usable: {e} (a stale mount? try: umount -l {})",
             p.display(),
             p.display()
         ),
@@ -44,6 +109,27 @@ fn check_mountpoint(p: &Path) -> Result<PathBuf, String> {
     Ok(abs)
 }
 
+fn config(store_dir: &Path, allow_other: bool, threads: usize, read_only: bool) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(store_dir.display().to_string()),
+        MountOption::Subtype("snapfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    if read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    if allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    config
+}
+
 /// Runs the daemon in the foreground. Returns when the filesystem is unmounted.
 pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     // Block exit signals before any thread exists (RocksDB starts its own), so that only the
@@ -52,36 +138,72 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse does not exist: load the fuse module (modprobe fuse)".into());
     }
-    let mnt = check_mountpoint(&a.mountpoint)?;
     if a.threads == 0 || a.threads > 64 {
         return Err(format!(
             "--threads must be between 1 and 64, not {}",
             a.threads
         ));
     }
-    let store = Store::open(&a.store, true, a.chunk_size)?;
+    if let Some(name) = &a.snapshot {
+        crate::fs::check_snapshot_name(name)?;
+        // A running daemon holds the store: it serves the snapshot mount itself.
+        if let Ok(dir) = report::resolve_target(&a.store) {
+            let req = control::Request::MountSnapshot {
+                name: name.clone(),
+                mountpoint: check_mountpoint(&a.mountpoint)?,
+            };
+            if let Some(resp) = control::call(&dir, &req, &mut |p| eprintln!("{p}"))? {
+                return match resp.ok {
+                    true => {
+                        println!("{}", resp.message.unwrap_or_default());
+                        Ok(())
+                    }
+                    false => Err(resp.error.unwrap_or_else(|| "daemon error".into())),
+                };
+            }
+        }
+    }
+    let mnt = check_mountpoint(&a.mountpoint)?;
+    let store = Store::open(&a.store, a.snapshot.is_none(), a.chunk_size)?;
     log::info!(
         "store {} opened (chunk size {})",
         store.dir.display(),
         report::human(store.chunk_size as u64)
     );
-    let server = control::Server::start(&store.dir, store.fs.clone(), store.chunk_size)?;
-
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(store.dir.display().to_string()),
-        MountOption::Subtype("snapfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-        MountOption::Dev,
-        MountOption::Suid,
-    ];
-    if a.allow_other {
-        config.acl = SessionACL::All;
+    let views = Arc::new(Views::new(store.fs.clone()));
+    let root: Arc<Fs> = match &a.snapshot {
+        None => store.fs.clone(),
+        Some(name) => {
+            let s = store
+                .fs
+                .snapshot_get(name)
+                .map_err(|_| format!("no snapshot named {name:?} in {}", store.dir.display()))?;
+            views.mark_mounted(name, true);
+            Arc::new(store.fs.view(s.epoch))
+        }
+    };
+    let ctx = Arc::new(Ctx {
+        store_dir: store.dir.clone(),
+        chunk_size: store.chunk_size,
+        fs: store.fs.clone(),
+        views: views.clone(),
+        mountpoint: a.snapshot.is_none().then(|| mnt.clone()),
+        snap_mounts: Arc::new(Mutex::new(
+            a.snapshot
+                .iter()
+                .map(|n| (n.clone(), mnt.clone()))
+                .collect(),
+        )),
+    });
+    let server = control::Server::start(ctx.clone())?;
+    if let (Some(every), None) = (a.snapshot_every, &a.snapshot) {
+        start_auto_snapshots(ctx.clone(), every, a.keep);
     }
-    config.n_threads = Some(a.threads);
-    config.clone_fd = true;
-    let fs = FuseFs::new(store.fs.clone(), &store.dir);
+    if a.snapshot.is_none() {
+        start_gc(Arc::downgrade(&store.fs));
+    }
+    let config = config(&store.dir, a.allow_other, a.threads, a.snapshot.is_some());
+    let fs = FuseFs::new(root, views, &store.dir, a.show_snapshots);
     let mut session = fuser::Session::new(fs, &mnt, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mnt.display()))?;
     let mut unmounter = session.unmount_callable();
@@ -101,12 +223,58 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     log::info!("mounted {} on {}", store.dir.display(), mnt.display());
     let served = session.run();
     log::info!("unmounted; sealing buffers and closing the store");
-    let closed = store.fs.shutdown();
+    for (_, m) in ctx.snap_mounts.lock().iter() {
+        if *m != mnt {
+            let _ = crate::sys::umount(m, true);
+        }
+    }
+    let closed = if a.snapshot.is_none() {
+        store.fs.shutdown()
+    } else {
+        Ok(())
+    };
     drop(server);
+    drop(ctx);
     drop(store);
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))?;
     closed.map_err(|e| format!("closing the store failed: {e}"))?;
     Ok(())
+}
+
+/// Serves a read-only snapshot mount from the running daemon, on a thread of its own.
+pub fn mount_snapshot(ctx: &Ctx, name: &str, mountpoint: &Path) -> Result<String, String> {
+    crate::fs::check_snapshot_name(name)?;
+    let mnt = check_mountpoint(mountpoint)?;
+    let s = ctx
+        .fs
+        .snapshot_get(name)
+        .map_err(|_| format!("no snapshot named {name:?}"))?;
+    let view = Arc::new(ctx.fs.view(s.epoch));
+    let fs = FuseFs::new(view, ctx.views.clone(), &ctx.store_dir, false);
+    let config = config(&ctx.store_dir, false, 2, true);
+    let session = fuser::spawn_mount(fs, &mnt, &config)
+        .map_err(|e| format!("cannot mount {}: {e}", mnt.display()))?;
+    ctx.views.mark_mounted(name, true);
+    ctx.snap_mounts.lock().push((name.to_string(), mnt.clone()));
+    let views = ctx.views.clone();
+    let snap_mounts = ctx.snap_mounts.clone();
+    let (n, m) = (name.to_string(), mnt.clone());
+    std::thread::Builder::new()
+        .name("snapfs-snapmount".into())
+        .spawn(move || {
+            let _ = session.join();
+            views.mark_mounted(&n, false);
+            snap_mounts
+                .lock()
+                .retain(|(sn, sm)| !(sn == &n && sm == &m));
+            log::info!("snapshot {n} unmounted from {}", m.display());
+        })
+        .map_err(|e| format!("cannot start snapshot mount thread: {e}"))?;
+    Ok(format!(
+        "mounted snapshot {name} read-only on {} (unmount with: snapfs umount {})",
+        mnt.display(),
+        mnt.display()
+    ))
 }
 
 /// Unmounts a snapfs mountpoint; the daemon then seals, flushes and exits.

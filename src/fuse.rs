@@ -18,8 +18,9 @@ use fuser::{
 use parking_lot::Mutex;
 
 use crate::error::FsError;
-use crate::fs::{Creds, DirEntry, Fs, Handle, SetAttr, TimeSet};
+use crate::fs::{Creds, Fs, Handle, SetAttr, TimeSet, ROOT_INO};
 use crate::inode::{Attr, Kind, Time};
+use crate::views::{self, Views};
 
 /// Attribute and entry cache lifetime granted to the kernel. Every operation that changes an
 /// inode returns its fresh attributes, and the kernel invalidates what it changed itself.
@@ -27,18 +28,31 @@ const TTL: Duration = Duration::from_secs(1);
 /// Largest write request the kernel may send (it also caps this at its max_pages).
 pub const MAX_WRITE: u32 = 1 << 20;
 
+/// An open file: the tree it belongs to and its core handle.
+type OpenHandle = (Arc<Fs>, Arc<Handle>);
+/// A directory listing taken at opendir: (FUSE inode, type, name).
+type Listing = Vec<(u64, FileType, Vec<u8>)>;
+
 pub struct FuseFs {
-    fs: Arc<Fs>,
+    /// The tree in slot 0: the live filesystem, or one snapshot for `mount --snapshot`.
+    root: Arc<Fs>,
+    views: Arc<Views>,
+    /// Serve `/.snapshots` (live mounts), and list it in the root directory.
+    snapdir: bool,
+    list_snapdir: bool,
     store_dir: PathBuf,
-    files: Mutex<HashMap<u64, Arc<Handle>>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    files: Mutex<HashMap<u64, OpenHandle>>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>, store_dir: &Path) -> FuseFs {
+    pub fn new(root: Arc<Fs>, views: Arc<Views>, store_dir: &Path, list_snapdir: bool) -> FuseFs {
         FuseFs {
-            fs,
+            snapdir: !root.is_view(),
+            list_snapdir,
+            root,
+            views,
             store_dir: store_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -50,7 +64,7 @@ impl FuseFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, FsError> {
+    fn handle(&self, fh: FileHandle) -> Result<OpenHandle, FsError> {
         self.files
             .lock()
             .get(&fh.0)
@@ -58,10 +72,80 @@ impl FuseFs {
             .ok_or(FsError::BadHandle)
     }
 
-    fn register(&self, h: Handle) -> u64 {
+    fn register(&self, fs: Arc<Fs>, h: Handle) -> u64 {
         let fh = self.fh();
-        self.files.lock().insert(fh, Arc::new(h));
+        self.files.lock().insert(fh, (fs, Arc::new(h)));
         fh
+    }
+
+    /// The filesystem and store inode behind a FUSE inode number.
+    fn target(&self, ino: INodeNo) -> Result<(Arc<Fs>, u64, u16), FsError> {
+        match views::split(ino.0) {
+            (0, i) => Ok((self.root.clone(), i, 0)),
+            (views::SNAPDIR_SLOT, _) => Err(FsError::IsDir),
+            (slot, i) => Ok((self.views.view(slot)?, i, slot)),
+        }
+    }
+
+    /// The filesystem for a change under `ino`: only the live tree of a live mount.
+    fn writable(&self, ino: INodeNo) -> Result<(&Arc<Fs>, u64), FsError> {
+        match views::split(ino.0) {
+            (0, i) if !self.root.is_view() => Ok((&self.root, i)),
+            _ => Err(FsError::ReadOnly),
+        }
+    }
+
+    fn is_snapdir_name(&self, parent: INodeNo, name: &OsStr) -> bool {
+        self.snapdir && parent.0 == ROOT_INO && name.as_bytes() == views::SNAPDIR_NAME
+    }
+
+    fn lookup_attr(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, FsError> {
+        if self.is_snapdir_name(parent, name) {
+            return Ok(attr(&self.views.snapdir_attr()?, views::SNAPDIR_SLOT));
+        }
+        if parent.0 == views::SNAPDIR_INO {
+            let name = name.to_str().ok_or(FsError::NotFound)?;
+            let slot = self.views.slot_of(name)?;
+            let a = self.views.view(slot)?.getattr(ROOT_INO)?;
+            return Ok(attr(&a, slot));
+        }
+        let (fs, ino, slot) = self.target(parent)?;
+        Ok(attr(&fs.lookup(ino, name.as_bytes())?, slot))
+    }
+
+    fn dir_listing(&self, ino: INodeNo) -> Result<Listing, FsError> {
+        if ino.0 == views::SNAPDIR_INO {
+            let mut out = vec![
+                (views::SNAPDIR_INO, FileType::Directory, b".".to_vec()),
+                (ROOT_INO, FileType::Directory, b"..".to_vec()),
+            ];
+            for s in self.root.snapshot_list()? {
+                let slot = self.views.slot_of(&s.name)?;
+                out.push((
+                    views::join(slot, ROOT_INO),
+                    FileType::Directory,
+                    s.name.into_bytes(),
+                ));
+            }
+            return Ok(out);
+        }
+        let (fs, i, slot) = self.target(ino)?;
+        let mut out: Vec<(u64, FileType, Vec<u8>)> = fs
+            .readdir(i)?
+            .into_iter()
+            .map(|e| (views::join(slot, e.ino), kind(e.kind), e.name))
+            .collect();
+        if slot != 0 && i == ROOT_INO {
+            out[1].0 = views::SNAPDIR_INO;
+        }
+        if self.snapdir && self.list_snapdir && ino.0 == ROOT_INO {
+            out.push((
+                views::SNAPDIR_INO,
+                FileType::Directory,
+                views::SNAPDIR_NAME.to_vec(),
+            ));
+        }
+        Ok(out)
     }
 }
 
@@ -81,9 +165,9 @@ fn kind(k: Kind) -> FileType {
     }
 }
 
-fn attr(a: &Attr) -> FileAttr {
+fn attr(a: &Attr, slot: u16) -> FileAttr {
     FileAttr {
-        ino: INodeNo(a.ino),
+        ino: INodeNo(views::join(slot, a.ino)),
         size: a.size,
         blocks: a.blocks(),
         atime: a.atime.to_system(),
@@ -116,8 +200,16 @@ fn time_set(t: TimeOrNow) -> TimeSet {
 }
 
 fn reply_entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
+    reply_fattr(reply, r.map(|a| attr(&a, 0)))
+}
+
+fn reply_fattr(reply: ReplyEntry, r: Result<FileAttr, FsError>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+        // Names in `.snapshots` are never cached: a deleted snapshot vanishes at once.
+        Ok(a) if a.ino.0 >> views::SLOT_SHIFT != 0 && a.ino.0 & views::INO_MASK == ROOT_INO => {
+            reply.entry(&Duration::ZERO, &a, Generation(0))
+        }
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -152,18 +244,26 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.fs.sync_all() {
+        if let Err(e) = self.root.sync_all() {
             log::error!("final sync failed: {e}");
         }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        reply_fattr(reply, self.lookup_attr(parent, name));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
+        let r = if ino.0 == views::SNAPDIR_INO {
+            self.views
+                .snapdir_attr()
+                .map(|a| attr(&a, views::SNAPDIR_SLOT))
+        } else {
+            self.target(ino)
+                .and_then(|(fs, i, slot)| Ok(attr(&fs.getattr(i)?, slot)))
+        };
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -195,14 +295,14 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(Time::from_system),
         };
-        match self.fs.setattr(ino.0, s) {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
+        match self.writable(ino).and_then(|(fs, i)| fs.setattr(i, s)) {
+            Ok(a) => reply.attr(&TTL, &attr(&a, 0)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        match self.target(ino).and_then(|(fs, i, _)| fs.readlink(i)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
         }
@@ -218,9 +318,12 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        if self.is_snapdir_name(parent, name) {
+            return reply.error(errno(FsError::Exists));
+        }
         let r = self
-            .fs
-            .mknod(parent.0, name.as_bytes(), mode, rdev, creds(req));
+            .writable(parent)
+            .and_then(|(fs, p)| fs.mknod(p, name.as_bytes(), mode, rdev, creds(req)));
         reply_entry(reply, r);
     }
 
@@ -233,18 +336,30 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.fs.mkdir(parent.0, name.as_bytes(), mode, creds(req)),
-        );
+        if self.is_snapdir_name(parent, name) {
+            return reply.error(errno(FsError::Exists));
+        }
+        let r = self
+            .writable(parent)
+            .and_then(|(fs, p)| fs.mkdir(p, name.as_bytes(), mode, creds(req)));
+        reply_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+        let r = self
+            .writable(parent)
+            .and_then(|(fs, p)| fs.unlink(p, name.as_bytes()));
+        reply_empty(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+        if self.is_snapdir_name(parent, name) {
+            return reply.error(errno(FsError::ReadOnly));
+        }
+        let r = self
+            .writable(parent)
+            .and_then(|(fs, p)| fs.rmdir(p, name.as_bytes()));
+        reply_empty(reply, r);
     }
 
     fn symlink(
@@ -255,12 +370,17 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.symlink(
-            parent.0,
-            link_name.as_bytes(),
-            target.as_os_str().as_bytes(),
-            creds(req),
-        );
+        if self.is_snapdir_name(parent, link_name) {
+            return reply.error(errno(FsError::Exists));
+        }
+        let r = self.writable(parent).and_then(|(fs, p)| {
+            fs.symlink(
+                p,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                creds(req),
+            )
+        });
         reply_entry(reply, r);
     }
 
@@ -274,13 +394,13 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.bits(),
-        );
+        if self.is_snapdir_name(parent, name) || self.is_snapdir_name(newparent, newname) {
+            return reply.error(errno(FsError::ReadOnly));
+        }
+        let r = self.writable(parent).and_then(|(fs, p)| {
+            let (_, np) = self.writable(newparent)?;
+            fs.rename(p, name.as_bytes(), np, newname.as_bytes(), flags.bits())
+        });
         reply_empty(reply, r);
     }
 
@@ -292,12 +412,26 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        if self.is_snapdir_name(newparent, newname) {
+            return reply.error(errno(FsError::Exists));
+        }
+        let r = self.writable(ino).and_then(|(fs, i)| {
+            let (_, np) = self.writable(newparent)?;
+            fs.link(i, np, newname.as_bytes())
+        });
+        reply_entry(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, wants_write(flags)) {
-            Ok(h) => reply.opened(FileHandle(self.register(h)), FopenFlags::empty()),
+        let r = self.target(ino).and_then(|(fs, i, slot)| {
+            if wants_write(flags) && slot != 0 {
+                return Err(FsError::ReadOnly);
+            }
+            let h = fs.open(i, wants_write(flags))?;
+            Ok(self.register(fs, h))
+        });
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -313,7 +447,10 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.handle(fh).and_then(|h| self.fs.read(&h, offset, size)) {
+        match self
+            .handle(fh)
+            .and_then(|(fs, h)| fs.read(&h, offset, size))
+        {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
         }
@@ -333,7 +470,7 @@ impl Filesystem for FuseFs {
     ) {
         match self
             .handle(fh)
-            .and_then(|h| self.fs.write(&h, offset, data))
+            .and_then(|(fs, h)| fs.write(&h, offset, data))
         {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -348,7 +485,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.handle(fh).and_then(|h| self.fs.flush(&h)));
+        reply_empty(reply, self.handle(fh).and_then(|(fs, h)| fs.flush(&h)));
     }
 
     fn release(
@@ -363,7 +500,7 @@ impl Filesystem for FuseFs {
     ) {
         let h = self.files.lock().remove(&fh.0);
         match h {
-            Some(h) => reply_empty(reply, self.fs.release(&h)),
+            Some((fs, h)) => reply_empty(reply, fs.release(&h)),
             None => reply.error(errno(FsError::BadHandle)),
         }
     }
@@ -376,11 +513,11 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.handle(fh).and_then(|h| self.fs.fsync(&h)));
+        reply_empty(reply, self.handle(fh).and_then(|(fs, h)| fs.fsync(&h)));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.readdir(ino.0) {
+        match self.dir_listing(ino) {
             Ok(entries) => {
                 let fh = self.fh();
                 self.dirs.lock().insert(fh, Arc::new(entries));
@@ -401,9 +538,8 @@ impl Filesystem for FuseFs {
         let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
             return reply.error(errno(FsError::BadHandle));
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let name = OsStr::from_bytes(&e.name);
-            if reply.add(INodeNo(e.ino), i as u64 + 1, kind(e.kind), name) {
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -430,7 +566,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.fs.sync_metadata());
+        reply_empty(reply, self.root.sync_metadata());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -459,35 +595,47 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
-        );
+        let r = self
+            .writable(ino)
+            .and_then(|(fs, i)| fs.setxattr(i, name.as_bytes(), value, flags));
+        reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
+        let r = self
+            .target(ino)
+            .and_then(|(fs, i, _)| fs.getxattr(i, name.as_bytes()));
+        reply_xattr(reply, size, r);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let list = self.fs.listxattr(ino.0).map(|names| {
-            let mut out = Vec::new();
-            for n in names {
-                out.extend_from_slice(&n);
-                out.push(0);
-            }
-            out
-        });
+        let list = self
+            .target(ino)
+            .and_then(|(fs, i, _)| fs.listxattr(i))
+            .map(|names| {
+                let mut out = Vec::new();
+                for n in names {
+                    out.extend_from_slice(&n);
+                    out.push(0);
+                }
+                out
+            });
         reply_xattr(reply, size, list);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+        let r = self
+            .writable(ino)
+            .and_then(|(fs, i)| fs.removexattr(i, name.as_bytes()));
+        reply_empty(reply, r);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Only reached without default_permissions; the kernel checks modes otherwise.
-        reply_empty(reply, self.fs.getattr(ino.0).map(|_| ()));
+        let r = self
+            .target(ino)
+            .and_then(|(fs, i, _)| fs.getattr(i).map(|_| ()));
+        reply_empty(reply, r);
     }
 
     fn create(
@@ -500,23 +648,24 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .fs
-            .mknod(
-                parent.0,
+        if self.is_snapdir_name(parent, name) {
+            return reply.error(errno(FsError::Exists));
+        }
+        let r = self.writable(parent).and_then(|(fs, p)| {
+            let a = fs.mknod(
+                p,
                 name.as_bytes(),
                 libc::S_IFREG | (mode & 0o7777),
                 0,
                 creds(req),
-            )
-            .and_then(|a| {
-                let h = self.fs.open(a.ino, wants_write(OpenFlags(flags)))?;
-                Ok((a, self.register(h)))
-            });
+            )?;
+            let h = fs.open(a.ino, wants_write(OpenFlags(flags)))?;
+            Ok((a, self.register(fs.clone(), h)))
+        });
         match r {
             Ok((a, fh)) => reply.created(
                 &TTL,
-                &attr(&a),
+                &attr(&a, 0),
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
@@ -537,7 +686,7 @@ impl Filesystem for FuseFs {
     ) {
         let r = self
             .handle(fh)
-            .and_then(|h| self.fs.fallocate(&h, offset, length, mode));
+            .and_then(|(fs, h)| fs.fallocate(&h, offset, length, mode));
         reply_empty(reply, r);
     }
 
@@ -554,12 +703,16 @@ impl Filesystem for FuseFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let r = self.handle(fh_in).and_then(|src| {
-            let dst = self.handle(fh_out)?;
-            self.fs.copy_range(&src, offset_in, &dst, offset_out, len)
+        let r = self.handle(fh_in).and_then(|(fs, src)| {
+            let (dfs, dst) = self.handle(fh_out)?;
+            if !Arc::ptr_eq(&fs, &dfs) {
+                // Between a snapshot and the live tree: the kernel falls back to read/write.
+                return Err(FsError::XDev);
+            }
+            fs.copy_range(&src, offset_in, &dst, offset_out, len.min(u32::MAX as u64))
         });
         match r {
-            Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
+            Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -1,14 +1,18 @@
-//! The `snapfs` command line.
+//! The `snapfs` command line. Every error is one line on stderr and exit status 1.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use snapfs::control::{self, Request};
+use snapfs::control::{self, Request, Response};
 use snapfs::daemon::{self, MountArgs};
+use snapfs::ops::{self, Ctx};
 use snapfs::report;
+use snapfs::retention::{self, Policy};
 use snapfs::store::Store;
+use snapfs::views::Views;
 
 #[derive(Parser)]
 #[command(
@@ -24,10 +28,37 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Clone, Copy, Default)]
+struct Keep {
+    /// Keep the N newest snapshots.
+    #[arg(long, default_value_t = 0)]
+    keep_last: usize,
+    /// Keep the newest snapshot of each of the N newest hours.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: usize,
+    /// Keep the newest snapshot of each of the N newest days (UTC).
+    #[arg(long, default_value_t = 0)]
+    keep_daily: usize,
+    /// Keep the newest snapshot of each of the N newest ISO weeks.
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: usize,
+}
+
+impl Keep {
+    fn policy(&self) -> Policy {
+        Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Mount a store (created if absent) and serve it in the foreground until unmounted or
-    /// sent SIGINT/SIGTERM.
+    /// sent SIGINT/SIGTERM. With --snapshot, mount one snapshot read-only.
     Mount {
         store: PathBuf,
         mountpoint: PathBuf,
@@ -40,6 +71,18 @@ enum Cmd {
         /// Chunk size for a new store, in bytes (power of two, 4 KiB..16 MiB).
         #[arg(long)]
         chunk_size: Option<usize>,
+        /// Mount this snapshot read-only (served by the running daemon if there is one).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// List .snapshots in the root directory (it is reachable by name either way).
+        #[arg(long)]
+        show_snapshots: bool,
+        /// Take a snapshot at this interval (e.g. 10m), named auto-<UTC time>.
+        #[arg(long, value_parser = retention::parse_duration)]
+        snapshot_every: Option<std::time::Duration>,
+        /// Retention applied to automatic snapshots after each one is taken.
+        #[command(flatten)]
+        keep: Keep,
     },
     /// Unmount a snapfs mountpoint; the daemon seals, flushes and exits.
     Umount {
@@ -55,26 +98,196 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create, list, delete, compare and prune snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapCmd),
+    /// Export a snapshot (or one path of it) to a plain directory.
+    Restore {
+        target: PathBuf,
+        name: String,
+        dest: PathBuf,
+        /// Restore only this path inside the snapshot.
+        #[arg(long)]
+        path: Option<String>,
+    },
 }
 
-fn stat(target: &std::path::Path, json: bool) -> Result<(), String> {
+#[derive(Subcommand)]
+enum SnapCmd {
+    /// Take an instant, consistent snapshot of the live tree.
+    Create { target: PathBuf, name: String },
+    /// List snapshots: name, id, creation time, logical size, bytes unique to each.
+    List {
+        target: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot and free what only it referenced.
+    Delete { target: PathBuf, name: String },
+    /// Paths added, removed or modified from snapshot A to B (default: the live tree).
+    Diff {
+        target: PathBuf,
+        a: String,
+        b: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the snapshots a retention policy does not keep.
+    Prune {
+        target: PathBuf,
+        #[command(flatten)]
+        keep: Keep,
+        /// Show what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Runs a request on the daemon that holds the store, or on the store itself if none does.
+fn run(target: &Path, req: Request) -> Result<Response, String> {
     let dir = report::resolve_target(target)?;
-    let s = match control::call(&dir, &Request::Stat)? {
-        Some(resp) if resp.ok => resp.stat.ok_or("daemon sent no figures")?,
-        Some(resp) => return Err(resp.error.unwrap_or_else(|| "daemon error".into())),
-        None => {
-            let store = Store::open(&dir, false, None)?;
-            report::stat(&store.fs, &store.dir, store.chunk_size)?
-        }
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", s.to_text());
+    if let Some(r) = control::call(&dir, &req, &mut |p| eprintln!("{p}"))? {
+        return Ok(r);
     }
+    let store = Store::open(&dir, false, None)?;
+    let ctx = Ctx {
+        store_dir: store.dir.clone(),
+        chunk_size: store.chunk_size,
+        fs: store.fs.clone(),
+        views: Arc::new(Views::new(store.fs.clone())),
+        mountpoint: None,
+        snap_mounts: Default::default(),
+    };
+    let resp = ops::handle(&ctx, req, &mut |p| eprintln!("{p}"));
+    store
+        .fs
+        .shutdown()
+        .map_err(|e| format!("closing the store failed: {e}"))?;
+    Ok(resp)
+}
+
+fn checked(r: Response) -> Result<Response, String> {
+    if r.ok {
+        Ok(r)
+    } else {
+        Err(r.error.unwrap_or_else(|| "failed".into()))
+    }
+}
+
+fn print_message(r: Response) {
+    if let Some(m) = r.message {
+        println!("{m}");
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn snapshot_cmd(c: SnapCmd) -> Result<(), String> {
+    match c {
+        SnapCmd::Create { target, name } => {
+            snapfs::fs::check_snapshot_name(&name)?;
+            print_message(checked(run(&target, Request::SnapshotCreate { name })?)?);
+        }
+        SnapCmd::List {
+            target,
+            json: as_json,
+        } => {
+            let rows = checked(run(&target, Request::SnapshotList)?)?
+                .snapshots
+                .unwrap_or_default();
+            if as_json {
+                return json(&rows);
+            }
+            println!(
+                "{:<32} {:>6} {:<21} {:>12} {:>12}",
+                "NAME", "ID", "CREATED", "LOGICAL", "UNIQUE"
+            );
+            for r in rows {
+                println!(
+                    "{:<32} {:>6} {:<21} {:>12} {:>12}",
+                    r.name,
+                    r.id,
+                    r.created,
+                    report::human(r.logical_bytes),
+                    report::human(r.unique_bytes)
+                );
+            }
+        }
+        SnapCmd::Delete { target, name } => {
+            print_message(checked(run(&target, Request::SnapshotDelete { name })?)?);
+        }
+        SnapCmd::Diff {
+            target,
+            a,
+            b,
+            json: as_json,
+        } => {
+            let d = checked(run(&target, Request::SnapshotDiff { a, b })?)?
+                .diff
+                .unwrap_or_default();
+            if as_json {
+                return json(&d);
+            }
+            for e in d {
+                let mark = match e.change.as_str() {
+                    "added" => '+',
+                    "removed" => '-',
+                    _ => 'M',
+                };
+                println!("{mark} {} ({})", e.path, e.kind);
+            }
+        }
+        SnapCmd::Prune {
+            target,
+            keep,
+            dry_run,
+        } => prune(&target, &keep.policy(), dry_run)?,
+    }
+    Ok(())
+}
+
+fn prune(target: &Path, policy: &Policy, dry_run: bool) -> Result<(), String> {
+    if policy.is_empty() {
+        return Err(
+            "prune needs at least one --keep-* option (it would delete every snapshot)".into(),
+        );
+    }
+    let rows = checked(run(target, Request::SnapshotList)?)?
+        .snapshots
+        .unwrap_or_default();
+    let list: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| (r.name.clone(), r.created_unix))
+        .collect();
+    let (keep, gone) = retention::select(&list, policy);
+    for k in &keep {
+        println!("keep   {k}");
+    }
+    for g in &gone {
+        if dry_run {
+            println!("would delete {g}");
+        } else {
+            checked(run(target, Request::SnapshotDelete { name: g.clone() })?)?;
+            println!("delete {g}");
+        }
+    }
+    Ok(())
+}
+
+fn stat(target: &Path, as_json: bool) -> Result<(), String> {
+    let s = checked(run(target, Request::Stat)?)?
+        .stat
+        .ok_or("no figures in the answer")?;
+    if as_json {
+        return json(&s);
+    }
+    print!("{}", s.to_text());
     Ok(())
 }
 
@@ -91,15 +304,35 @@ fn main() -> ExitCode {
             allow_other,
             threads,
             chunk_size,
+            snapshot,
+            show_snapshots,
+            snapshot_every,
+            keep,
         } => daemon::run_mount(&MountArgs {
             store,
             mountpoint,
             allow_other,
             threads,
             chunk_size,
+            snapshot,
+            show_snapshots,
+            snapshot_every,
+            keep: keep.policy(),
         }),
         Cmd::Umount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Stat { target, json } => stat(&target, json),
+        Cmd::Snapshot(c) => snapshot_cmd(c),
+        Cmd::Restore {
+            target,
+            name,
+            dest,
+            path,
+        } => {
+            let dest = std::path::absolute(&dest).unwrap_or(dest);
+            run(&target, Request::Restore { name, dest, path })
+                .and_then(checked)
+                .map(print_message)
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

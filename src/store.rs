@@ -125,9 +125,11 @@ impl Store {
         };
         let fs = Fs::new(eng, chunk_size, creator)
             .map_err(|e| format!("cannot open the filesystem in {}: {e}", dir.display()))?;
+        let fs = Arc::new(fs);
+        fs.start_sealer();
         Ok(Store {
             dir,
-            fs: Arc::new(fs),
+            fs,
             chunk_size,
             _lock: lock,
         })
@@ -152,7 +154,13 @@ fn read_super(eng: &Engine) -> Result<Option<usize>, String> {
              ({FORMAT_VERSION}); upgrade snapfs"
         ));
     }
-    Ok(Some(le_u32(&v[12..]) as usize))
+    let cs = le_u32(&v[12..]) as usize;
+    if !(4096..=(16 << 20)).contains(&cs) || !cs.is_power_of_two() {
+        return Err(format!(
+            "the superblock is damaged (chunk size {cs}); refusing to open"
+        ));
+    }
+    Ok(Some(cs))
 }
 
 fn write_super(eng: &Engine, chunk_size: usize) -> Result<(), String> {

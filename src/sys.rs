@@ -103,3 +103,72 @@ pub fn getgid() -> u32 {
     // SAFETY: getgid cannot fail.
     unsafe { libc::getgid() }
 }
+
+/// lchown(2): owner of a path, not following a final symlink.
+pub fn lchown(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let c = cstr(p)?;
+    // SAFETY: valid C string.
+    if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// utimensat(2) with AT_SYMLINK_NOFOLLOW: atime and mtime as (seconds, nanoseconds).
+pub fn set_times(p: &Path, atime: (i64, u32), mtime: (i64, u32)) -> io::Result<()> {
+    let c = cstr(p)?;
+    let ts = [
+        libc::timespec {
+            tv_sec: atime.0 as libc::time_t,
+            tv_nsec: atime.1 as libc::c_long,
+        },
+        libc::timespec {
+            tv_sec: mtime.0 as libc::time_t,
+            tv_nsec: mtime.1 as libc::c_long,
+        },
+    ];
+    // SAFETY: valid C string and a two-element timespec array.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// mknod(2) for fifos, sockets and device nodes.
+pub fn mknod(p: &Path, mode: u32, rdev: u64) -> io::Result<()> {
+    let c = cstr(p)?;
+    // SAFETY: valid C string, plain integers.
+    if unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// lsetxattr(2).
+pub fn lsetxattr(p: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let c = cstr(p)?;
+    let n = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    // SAFETY: valid C strings; value pointer and length describe a live slice.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,12 +1,16 @@
 //! File data: write buffers, sealing, reads, truncation, fsync.
 //!
-//! Seal path, for one chunk of one file (file state write-locked throughout):
-//! 1. Take the chunk's buffer out of the file state.
-//! 2. Hash it (blake3). If the chunk store may lack it, compress it (zstd) — outside `meta`.
-//! 3. Lock `meta`; in one batch: point the chunk-map record at the id (dropping the reference
-//!    of the version it replaces at this epoch), add the reference, insert the body if the
-//!    chunk is new, and store the inode's size and times.
-//! 4. Write the batch (fsync: with the WAL synced). Readers see the sealed chunk from now on.
+//! Seal path, for one chunk of one file:
+//! 1. A write fills a chunk buffer. The writer moves it into the file's `sealing` map and the
+//!    sealer's queue, and returns (backpressure: the queue is short). Reads find it there.
+//! 2. The sealer thread hashes it (blake3) and, if the chunk store may lack it, compresses it
+//!    (zstd), outside every lock. One thread keeps the jobs in order.
+//! 3. It locks `meta`; in one batch: point the chunk-map record at the id (dropping the
+//!    reference of the version it replaces at this epoch), add the reference, insert the body
+//!    if the chunk is new, and store the inode's size and times. Then it drops the chunk from
+//!    `sealing`: from now on readers find it through the chunk map.
+//! 4. flush, fsync, release and truncate first wait for the file's queued jobs, then seal the
+//!    partial buffers the same way inline; fsync then syncs the WAL before it returns.
 
 use std::sync::Arc;
 
@@ -18,6 +22,19 @@ use crate::keys::{self, MapEntry};
 
 use super::txn::Body;
 use super::{FileState, Fs, OpenFile, Txn};
+
+/// A full chunk on its way to the sealer thread.
+pub(crate) struct SealJob {
+    ino: u64,
+    file: Arc<OpenFile>,
+    idx: u64,
+    data: Arc<Vec<u8>>,
+    size: u64,
+    time: Time,
+}
+
+/// Chunks queued for sealing across all files (backpressure on fast writers).
+const SEAL_QUEUE: usize = 4;
 
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 /// Unsealed bytes one file may hold before all its buffers are sealed.
@@ -77,7 +94,15 @@ impl Fs {
             let idx = pos / cs;
             let within = (pos % cs) as usize;
             let n = ((cs - within as u64).min(end - pos)) as usize;
-            match st.buffers.get(&idx) {
+            let sealing;
+            let pending: Option<&[u8]> = match st.buffers.get(&idx) {
+                Some(b) => Some(b),
+                None => {
+                    sealing = h.file.sealing.lock().get(&idx).cloned();
+                    sealing.as_deref().map(|v| v.as_slice())
+                }
+            };
+            match pending {
                 Some(buf) => copy_padded(&mut out, buf, within, n),
                 None => match self.get_rec(&keys::map_rec(h.ino, idx))? {
                     None => out.resize(out.len() + n, 0),
@@ -99,6 +124,7 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
+        h.file.check_error()?;
         let mut st = h.file.state.write();
         let cs = self.chunk_size as u64;
         let mut full = Vec::new();
@@ -114,7 +140,7 @@ impl Fs {
                     let initial = if within == 0 && n == self.chunk_size {
                         Vec::with_capacity(self.chunk_size)
                     } else {
-                        self.stored_chunk(h.ino, idx)?
+                        self.current_chunk(h.ino, &h.file, idx)?
                     };
                     e.insert(initial)
                 }
@@ -133,12 +159,111 @@ impl Fs {
         st.size = st.size.max(end);
         st.times_dirty = Some(Time::now());
         if st.buffers.len() * self.chunk_size > MAX_DIRTY_PER_FILE {
-            full = st.buffers.keys().copied().collect();
-        }
-        if !full.is_empty() {
-            self.seal(h.ino, &mut st, &full)?;
+            let all: Vec<u64> = st.buffers.keys().copied().collect();
+            h.file.wait_sealed()?;
+            self.seal(h.ino, &h.file, &mut st, &all)?;
+        } else if !full.is_empty() {
+            match self.sealer.get() {
+                Some(q) => self.enqueue(q, h, &mut st, &full)?,
+                None => self.seal(h.ino, &h.file, &mut st, &full)?,
+            }
         }
         Ok(data.len() as u32)
+    }
+
+    /// Hands full buffers to the sealer thread.
+    fn enqueue(
+        &self,
+        q: &crossbeam_channel::Sender<SealJob>,
+        h: &Handle,
+        st: &mut FileState,
+        full: &[u64],
+    ) -> Result<()> {
+        let time = st.times_dirty.unwrap_or_else(Time::now);
+        for idx in full {
+            let Some(buf) = st.buffers.remove(idx) else {
+                continue;
+            };
+            let data = Arc::new(buf);
+            h.file.sealing.lock().insert(*idx, data.clone());
+            *h.file.inflight.lock() += 1;
+            let job = SealJob {
+                ino: h.ino,
+                file: h.file.clone(),
+                idx: *idx,
+                data,
+                size: st.size,
+                time,
+            };
+            if let Err(e) = q.send(job) {
+                // The sealer is gone (shutting down): seal inline instead.
+                let job = e.into_inner();
+                self.finish_job(&job, self.commit_job(&job));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the background sealer. Without it, full chunks are sealed inline by the writer.
+    pub fn start_sealer(self: &Arc<Self>) {
+        let (tx, rx) = crossbeam_channel::bounded::<SealJob>(SEAL_QUEUE);
+        if self.sealer.set(tx).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("snapfs-sealer".into())
+            .spawn(move || {
+                for job in rx {
+                    let Some(fs) = weak.upgrade() else { break };
+                    let r = fs.commit_job(&job);
+                    fs.finish_job(&job, r);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the sealer thread ({e}); sealing inline");
+        }
+    }
+
+    fn commit_job(&self, job: &SealJob) -> Result<()> {
+        let prepared = self.prepare_chunk_shared(job.data.clone())?;
+        let mut meta = self.lock_meta();
+        let mut txn = Txn::new(self);
+        self.add_prepared(&mut txn, job.ino, vec![(job.idx, prepared)])?;
+        let mut a = txn.attr(job.ino)?;
+        a.size = job.size;
+        a.mtime = job.time;
+        a.ctime = job.time;
+        txn.put_attr(a);
+        txn.commit(&mut meta, false)
+    }
+
+    fn finish_job(&self, job: &SealJob, r: Result<()>) {
+        {
+            let mut s = job.file.sealing.lock();
+            if s.get(&job.idx).is_some_and(|d| Arc::ptr_eq(d, &job.data)) {
+                s.remove(&job.idx);
+            }
+        }
+        if let Err(e) = r {
+            log::error!("sealing chunk {} of inode {} failed: {e}", job.idx, job.ino);
+            job.file.set_error(e);
+        }
+        let mut n = job.file.inflight.lock();
+        *n -= 1;
+        if *n == 0 {
+            job.file.idle.notify_all();
+        }
+    }
+
+    /// The current bytes of chunk `idx`: queued for sealing, or stored.
+    fn current_chunk(&self, ino: u64, file: &OpenFile, idx: u64) -> Result<Vec<u8>> {
+        if let Some(d) = file.sealing.lock().get(&idx) {
+            let mut v = Vec::with_capacity(self.chunk_size);
+            v.extend_from_slice(d);
+            return Ok(v);
+        }
+        self.stored_chunk(ino, idx)
     }
 
     /// The bytes of a stored chunk (empty for a hole).
@@ -156,15 +281,25 @@ impl Fs {
 
     pub(crate) fn seal_all(&self, ino: u64, file: &OpenFile) -> Result<()> {
         let mut st = file.state.write();
+        // No new job can be queued while the state is locked; wait for the queued ones.
+        file.wait_sealed()?;
         if st.buffers.is_empty() && st.times_dirty.is_none() {
             return Ok(());
         }
         let all: Vec<u64> = st.buffers.keys().copied().collect();
-        self.seal(ino, &mut st, &all)
+        self.seal(ino, file, &mut st, &all)
     }
 
     /// Seals the given buffers and persists the file's size and times, in one batch.
-    fn seal(&self, ino: u64, st: &mut FileState, indices: &[u64]) -> Result<()> {
+    fn seal(&self, ino: u64, file: &OpenFile, st: &mut FileState, indices: &[u64]) -> Result<()> {
+        let r = self.seal_inner(ino, st, indices);
+        if let Err(e) = r {
+            file.set_error(e);
+        }
+        r
+    }
+
+    fn seal_inner(&self, ino: u64, st: &mut FileState, indices: &[u64]) -> Result<()> {
         let mut prepared = Vec::with_capacity(indices.len());
         for idx in indices {
             let Some(buf) = st.buffers.remove(idx) else {
@@ -185,8 +320,12 @@ impl Fs {
         txn.commit(&mut meta, false)
     }
 
-    /// Hashes a buffer and, unless the store already holds it, compresses it.
     fn prepare_chunk(&self, buf: Vec<u8>) -> Result<(MapEntry, Body)> {
+        self.prepare_chunk_shared(Arc::new(buf))
+    }
+
+    /// Hashes a buffer and, unless the store already holds it, compresses it.
+    fn prepare_chunk_shared(&self, buf: Arc<Vec<u8>>) -> Result<(MapEntry, Body)> {
         let id = chunk::chunk_id(&buf);
         let entry = MapEntry {
             id,
@@ -233,7 +372,18 @@ impl Fs {
     }
 
     fn truncate_locked(&self, ino: u64, file: &OpenFile, size: u64) -> Result<()> {
+        let r = self.truncate_inner(ino, file, size);
+        if let Err(e) = r {
+            if e != FsError::ReadOnly && e != FsError::TooBig {
+                file.set_error(e);
+            }
+        }
+        r
+    }
+
+    fn truncate_inner(&self, ino: u64, file: &OpenFile, size: u64) -> Result<()> {
         let mut st = file.state.write();
+        file.wait_sealed()?;
         let cs = self.chunk_size as u64;
         // Chunk indices at or past `keep` hold no byte below the new size.
         let keep = size.div_ceil(cs);

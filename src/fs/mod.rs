@@ -3,18 +3,20 @@
 //! Concurrency: one metadata mutex (`Fs::meta`) serializes every commit that reads and then
 //! writes metadata (namespace changes, chunk-map changes, refcounts, counters). Each open file
 //! has a reader-writer lock over its write buffers; the lock order is file state, then `meta`,
-//! then the open-file table. Hashing and compressing a sealed chunk happen under the file lock
-//! only, so different files seal in parallel.
+//! then the open-file table (the sealing map, in-flight count and error of a file are leaf
+//! locks). Full chunks are hashed, compressed and committed by one background sealer thread,
+//! in order, while the writer goes on; partial chunks are sealed inline by flush and fsync.
 
 mod data;
 mod ns;
+mod snap;
 mod txn;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::engine::{Cf, Engine};
 use crate::error::{FsError, Result};
@@ -23,6 +25,7 @@ use crate::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
 
 pub use data::{Handle, MAX_FILE_SIZE};
 pub use ns::{DirEntry, SetAttr, TimeSet};
+pub use snap::{check_snapshot_name, SnapshotInfo};
 pub(crate) use txn::Txn;
 
 pub const ROOT_INO: u64 = 1;
@@ -66,6 +69,55 @@ pub(crate) struct FileState {
 
 pub(crate) struct OpenFile {
     pub state: RwLock<FileState>,
+    /// Full chunks handed to the sealer and not yet committed, readable here until they are.
+    /// A leaf lock: the sealer takes it without the file state lock.
+    pub sealing: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
+    /// Seal jobs of this file in the sealer's queue; `idle` is signalled when it drops to 0.
+    pub inflight: Mutex<usize>,
+    pub idle: Condvar,
+    /// The first error of an asynchronous seal, reported by the next write, flush or fsync.
+    pub error: Mutex<Option<FsError>>,
+}
+
+impl OpenFile {
+    fn new(size: u64) -> OpenFile {
+        OpenFile {
+            state: RwLock::new(FileState {
+                size,
+                times_dirty: None,
+                buffers: BTreeMap::new(),
+            }),
+            sealing: Mutex::new(BTreeMap::new()),
+            inflight: Mutex::new(0),
+            idle: Condvar::new(),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Waits until the sealer has committed every chunk queued for this file, then reports
+    /// a seal error.
+    pub fn wait_sealed(&self) -> Result<()> {
+        let mut n = self.inflight.lock();
+        while *n > 0 {
+            self.idle.wait(&mut n);
+        }
+        drop(n);
+        self.check_error()
+    }
+
+    /// A failed seal lost buffered data: the error is sticky, so every later write, flush and
+    /// fsync of this file fails too, and no fsync ever reports success over lost data. It
+    /// clears only when the last user closes the file.
+    pub fn check_error(&self) -> Result<()> {
+        match *self.error.lock() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    pub fn set_error(&self, e: FsError) {
+        self.error.lock().get_or_insert(e);
+    }
 }
 
 struct OpenEntry {
@@ -99,7 +151,7 @@ impl ChunkCache {
 }
 
 pub struct Fs {
-    pub(crate) eng: Engine,
+    pub(crate) eng: Arc<Engine>,
     pub(crate) chunk_size: usize,
     /// The epoch live writes go to.
     epoch: AtomicU64,
@@ -108,6 +160,10 @@ pub struct Fs {
     meta: Mutex<MetaState>,
     open: Mutex<HashMap<u64, OpenEntry>>,
     cache: ChunkCache,
+    /// Queue of the background sealer (absent until `start_sealer`; sealing is then inline).
+    sealer: std::sync::OnceLock<crossbeam_channel::Sender<data::SealJob>>,
+    /// Serializes garbage-collection passes (each reference is dropped once).
+    gc_lock: Mutex<()>,
 }
 
 fn counter(eng: &Engine, name: &str) -> Result<Option<u64>> {
@@ -129,7 +185,7 @@ impl Fs {
             referenced_bytes: counter(&eng, "referenced_bytes")?.unwrap_or(0),
         };
         let fs = Fs {
-            eng,
+            eng: Arc::new(eng),
             chunk_size,
             epoch: AtomicU64::new(epoch),
             view: None,
@@ -138,6 +194,8 @@ impl Fs {
             cache: ChunkCache {
                 entries: Mutex::new(VecDeque::new()),
             },
+            sealer: std::sync::OnceLock::new(),
+            gc_lock: Mutex::new(()),
         };
         if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
             let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
@@ -266,13 +324,7 @@ impl Fs {
             return Ok(f);
         }
         let attr = self.stored_attr(ino)?;
-        let file = Arc::new(OpenFile {
-            state: RwLock::new(FileState {
-                size: attr.size,
-                times_dirty: None,
-                buffers: BTreeMap::new(),
-            }),
-        });
+        let file = Arc::new(OpenFile::new(attr.size));
         self.open.lock().insert(
             ino,
             OpenEntry {
@@ -386,6 +438,7 @@ impl Fs {
         if self.view.is_some() {
             return Ok(0);
         }
+        let _gc = self.gc_lock.lock();
         let ids: Vec<ChunkId> = self
             .eng
             .scan(Cf::Meta, &[keys::P_FREE], &[keys::P_FREE])
@@ -401,6 +454,9 @@ impl Fs {
                 }
             }
             txn.commit(&mut meta, false)?;
+        }
+        if freed > 0 {
+            self.eng.reclaim_chunk_space()?;
         }
         Ok(freed)
     }

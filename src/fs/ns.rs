@@ -115,7 +115,7 @@ impl Fs {
             return Err(FsError::Exists);
         }
         let now = Time::now();
-        let ino = txn.alloc_ino(&mut meta);
+        let ino = txn.alloc_ino(&mut meta)?;
         let mut a = Attr::new(ino, kind, (mode & 0o7777) as u16, c.uid, c.gid, now);
         if dir.perm & libc::S_ISGID as u16 != 0 {
             // BSD group semantics in set-group-ID directories, as ext4 does.

@@ -19,7 +19,7 @@ pub(crate) enum Body {
     /// Already encoded (hashed and compressed outside the lock).
     Encoded(Vec<u8>),
     /// Raw bytes; encoded at commit only if the chunk turned out to be absent.
-    Raw(Vec<u8>),
+    Raw(std::sync::Arc<Vec<u8>>),
 }
 
 pub(crate) struct Txn<'a> {
@@ -143,6 +143,11 @@ impl<'a> Txn<'a> {
         self.del_rec(&keys::map_rec(ino, index))
     }
 
+    /// Drops one reference (a chunk-map version deleted by version GC).
+    pub fn unref(&mut self, id: &ChunkId) {
+        *self.refs.entry(*id).or_default() -= 1;
+    }
+
     pub fn add_body(&mut self, id: ChunkId, body: Body) {
         self.bodies.insert(id, body);
     }
@@ -173,8 +178,12 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    pub fn alloc_ino(&mut self, meta: &mut MetaState) -> u64 {
+    pub fn alloc_ino(&mut self, meta: &mut MetaState) -> Result<u64> {
         let ino = meta.next_ino;
+        // FUSE inode numbers carry a snapshot slot above bit 48 (views.rs).
+        if ino >= 1 << 48 {
+            return Err(FsError::NoSpace);
+        }
         meta.next_ino += 1;
         self.fs.eng.put(
             &mut self.batch,
@@ -182,7 +191,7 @@ impl<'a> Txn<'a> {
             &keys::counter_key("next_ino"),
             &meta.next_ino.to_le_bytes(),
         );
-        ino
+        Ok(ino)
     }
 
     /// Writes a plain (unversioned) counter into this transaction.

@@ -1,0 +1,347 @@
+//! Snapshots: O(1) creation by advancing the epoch, read-only views at a fixed epoch, and the
+//! garbage collection of versions that no retained epoch can see any more.
+//!
+//! A version of a record written at epoch `e` is visible at every view `v` with
+//! `e <= v < e_next`, where `e_next` is the epoch of the next newer version of the same record
+//! (or infinity). The retained views are the epochs of the existing snapshots and the live
+//! epoch. A version whose interval holds no retained view is garbage.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::engine::{Batch, Cf};
+use crate::error::{FsError, Result};
+use crate::inode::{Attr, Kind, Time};
+use crate::keys::{self, ChunkId, MapEntry, TAG_LIVE};
+
+use super::{ChunkCache, Counters, Fs, MetaState, Txn};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The epoch the snapshot reads at; also its id (unique, increasing).
+    pub epoch: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+    pub created_nanos: u32,
+}
+
+/// Snapshot names: 1..=200 bytes of printable UTF-8, no `/`, not `.` or `..`.
+pub fn check_snapshot_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!(
+            "snapshot name must be 1 to 200 bytes, not {}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." || name.contains("..") {
+        return Err(format!("snapshot name {name:?} may not contain \"..\""));
+    }
+    if let Some(c) = name.chars().find(|c| *c == '/' || c.is_control()) {
+        return Err(format!(
+            "snapshot name {name:?} contains {c:?}; use letters, digits, '-', '_', '.', ':'"
+        ));
+    }
+    Ok(())
+}
+
+fn encode_snapshot(s: &SnapshotInfo) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(&s.epoch.to_le_bytes());
+    v.extend_from_slice(&s.created.to_le_bytes());
+    v.extend_from_slice(&s.created_nanos.to_le_bytes());
+    v
+}
+
+fn decode_snapshot(name: &[u8], v: &[u8]) -> Option<SnapshotInfo> {
+    (v.len() == 20).then(|| SnapshotInfo {
+        name: String::from_utf8_lossy(name).into_owned(),
+        epoch: keys::le_u64(v),
+        created: keys::le_u64(&v[8..]) as i64,
+        created_nanos: keys::le_u32(&v[16..]),
+    })
+}
+
+/// What one pass over the versioned records found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VersionGc {
+    pub versions_deleted: u64,
+    pub chunks_freed: u64,
+}
+
+impl Fs {
+    pub fn epoch(&self) -> u64 {
+        self.view_epoch()
+    }
+
+    pub fn is_view(&self) -> bool {
+        self.view.is_some()
+    }
+
+    /// Takes a snapshot of the live tree. Every write acknowledged before the call is in it;
+    /// the cost is sealing open buffers plus one synced batch, whatever the amount of data.
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        check_snapshot_name(name).map_err(|_| FsError::Invalid)?;
+        self.write_epoch()?;
+        self.seal_open_files()?;
+        let meta = self.lock_meta();
+        let key = keys::snapshot_key(name.as_bytes());
+        if self.eng.get(Cf::Meta, &key)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let e = self.write_epoch()?;
+        let now = Time::now();
+        let info = SnapshotInfo {
+            name: name.to_string(),
+            epoch: e,
+            created: now.secs,
+            created_nanos: now.nanos,
+        };
+        let mut b = Batch::new();
+        self.eng
+            .put(&mut b, Cf::Meta, &key, &encode_snapshot(&info));
+        self.eng.put(
+            &mut b,
+            Cf::Meta,
+            &keys::counter_key("epoch"),
+            &(e + 1).to_le_bytes(),
+        );
+        self.eng.write(b, true)?;
+        self.epoch.store(e + 1, Ordering::Release);
+        drop(meta);
+        Ok(info)
+    }
+
+    /// Seals the buffers of every open file (not synced).
+    fn seal_open_files(&self) -> Result<()> {
+        let files: Vec<_> = self
+            .open
+            .lock()
+            .iter()
+            .map(|(k, e)| (*k, e.file.clone()))
+            .collect();
+        for (ino, f) in files {
+            self.seal_all(ino, &f)?;
+        }
+        Ok(())
+    }
+
+    pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out: Vec<SnapshotInfo> = self
+            .eng
+            .scan(Cf::Meta, &[keys::P_SNAPSHOT], &[keys::P_SNAPSHOT])
+            .map(|r| r.map(|(k, v)| decode_snapshot(&k[1..], &v)))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        out.sort_by_key(|s| s.epoch);
+        Ok(out)
+    }
+
+    pub fn snapshot_get(&self, name: &str) -> Result<SnapshotInfo> {
+        let v = self
+            .eng
+            .get(Cf::Meta, &keys::snapshot_key(name.as_bytes()))?
+            .ok_or(FsError::NotFound)?;
+        decode_snapshot(name.as_bytes(), &v).ok_or(FsError::Corrupt)
+    }
+
+    /// Deletes a snapshot record (synced), then collects the versions only it could see.
+    pub fn snapshot_delete(&self, name: &str) -> Result<VersionGc> {
+        self.write_epoch()?;
+        {
+            let _meta = self.lock_meta();
+            self.snapshot_get(name)?;
+            let mut b = Batch::new();
+            self.eng
+                .delete(&mut b, Cf::Meta, &keys::snapshot_key(name.as_bytes()));
+            self.eng.write(b, true)?;
+        }
+        let mut r = self.gc_versions()?;
+        r.chunks_freed = self.collect_garbage()?;
+        Ok(r)
+    }
+
+    /// A read-only view of the tree at `epoch`, sharing the engine.
+    pub fn view(&self, epoch: u64) -> Fs {
+        Fs {
+            eng: self.eng.clone(),
+            chunk_size: self.chunk_size,
+            epoch: AtomicU64::new(epoch),
+            view: Some(epoch),
+            meta: Mutex::new(MetaState {
+                next_ino: 0,
+                counters: Counters::default(),
+            }),
+            open: Mutex::new(HashMap::new()),
+            cache: ChunkCache {
+                entries: Mutex::new(VecDeque::new()),
+            },
+            sealer: std::sync::OnceLock::new(),
+            gc_lock: Mutex::new(()),
+        }
+    }
+
+    /// The epochs some view may still read at: every snapshot's, and the live one.
+    fn retained_epochs(&self) -> Result<Vec<u64>> {
+        let mut r: Vec<u64> = self.snapshot_list()?.iter().map(|s| s.epoch).collect();
+        r.push(self.write_epoch()?);
+        r.sort_unstable();
+        Ok(r)
+    }
+
+    /// Deletes every version of every record that no retained epoch can see, and drops the
+    /// chunk references of deleted chunk-map versions. O(metadata), not O(data).
+    ///
+    /// Safe against concurrent writers without holding `meta` for the scan: live writes only
+    /// touch keys at the current epoch, which this pass never deletes, and a newer version
+    /// only shrinks the visibility of older ones. Passes are serialized (`gc_lock`), so a
+    /// reference is dropped once. The versions of one record go in one batch.
+    pub fn gc_versions(&self) -> Result<VersionGc> {
+        let _gc = self.gc_lock.lock();
+        let retained = self.retained_epochs()?;
+        let sees = |lo: u64, hi: u64| retained.iter().any(|r| *r >= lo && *r < hi);
+        type Victim = (Vec<u8>, u64, Option<ChunkId>);
+        let mut garbage: Vec<Vec<Victim>> = Vec::new();
+        let mut group: Vec<(Vec<u8>, u64, Vec<u8>)> = Vec::new();
+        let flush_group = |group: &mut Vec<(Vec<u8>, u64, Vec<u8>)>,
+                           garbage: &mut Vec<Vec<Victim>>| {
+            // Newest first; version i is visible on [e_i, e_{i-1}).
+            let mut keep = vec![false; group.len()];
+            let mut upper = u64::MAX;
+            for (i, (_, e, _)) in group.iter().enumerate() {
+                keep[i] = sees(*e, upper);
+                upper = *e;
+            }
+            // A tombstone with nothing older kept says nothing that absence does not.
+            for i in (0..group.len()).rev() {
+                if !keep[i] {
+                    continue;
+                }
+                if group[i].2.first() == Some(&TAG_LIVE) {
+                    break;
+                }
+                keep[i] = false;
+            }
+            let mut victims = Vec::new();
+            for (i, (k, e, v)) in group.drain(..).enumerate() {
+                if !keep[i] {
+                    let chunk = (k[0] == keys::P_MAP && v.first() == Some(&TAG_LIVE))
+                        .then(|| MapEntry::decode(&v[1..]).map(|m| m.id))
+                        .flatten();
+                    victims.push((k, e, chunk));
+                }
+            }
+            if !victims.is_empty() {
+                garbage.push(victims);
+            }
+        };
+        let start = [keys::P_INODE];
+        let end = [keys::P_XATTR + 1];
+        for item in self.eng.scan_range(Cf::Meta, &start, &end) {
+            let (k, v) = item?;
+            let (rec, e) = keys::split_version(&k);
+            if group
+                .first()
+                .is_some_and(|(gk, _, _)| keys::split_version(gk).0 != rec)
+            {
+                flush_group(&mut group, &mut garbage);
+            }
+            group.push((k.clone(), e, v));
+        }
+        flush_group(&mut group, &mut garbage);
+        let mut result = VersionGc::default();
+        let mut groups = garbage.into_iter().peekable();
+        while groups.peek().is_some() {
+            let mut meta = self.lock_meta();
+            let live = self.write_epoch()?;
+            let mut txn = Txn::new(self);
+            let mut n = 0;
+            while n < 1024 {
+                let Some(g) = groups.next() else { break };
+                for (k, e, chunk) in g {
+                    if e >= live {
+                        continue; // the live epoch's keys belong to writers
+                    }
+                    txn.delete_raw(&k);
+                    if let Some(id) = chunk {
+                        txn.unref(&id);
+                    }
+                    n += 1;
+                }
+            }
+            txn.commit(&mut meta, false)?;
+            result.versions_deleted += n as u64;
+        }
+        Ok(result)
+    }
+
+    /// Per snapshot: logical bytes (file sizes at its epoch) and bytes only it references.
+    pub fn snapshot_usage(&self) -> Result<BTreeMap<u64, (u64, u64)>> {
+        let retained = self.retained_epochs()?;
+        let mut usage: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for s in self.snapshot_list()? {
+            let view = self.view(s.epoch);
+            let mut logical = 0;
+            for (rec, p) in view.scan_recs(&[keys::P_INODE])? {
+                if let Some(a) = Attr::decode(keys::be_u64(&rec[1..]), &p) {
+                    if a.kind == Kind::File {
+                        logical += a.size;
+                    }
+                }
+            }
+            usage.insert(s.epoch, (logical, 0));
+        }
+        let prefix = [keys::P_MAP];
+        let mut upper = u64::MAX;
+        let mut last: Vec<u8> = Vec::new();
+        for item in self.eng.scan(Cf::Meta, &prefix, &prefix) {
+            let (k, v) = item?;
+            let (rec, e) = keys::split_version(&k);
+            if rec != last.as_slice() {
+                last = rec.to_vec();
+                upper = u64::MAX;
+            }
+            let seen: Vec<u64> = retained
+                .iter()
+                .copied()
+                .filter(|r| *r >= e && *r < upper)
+                .collect();
+            upper = e;
+            if let ([only], Some(&TAG_LIVE)) = (seen.as_slice(), v.first()) {
+                if let (Some(u), Some(m)) = (usage.get_mut(only), MapEntry::decode(&v[1..])) {
+                    if self.refcount(&m.id)? == 1 {
+                        u.1 += m.len as u64;
+                    }
+                }
+            }
+        }
+        Ok(usage)
+    }
+
+    fn refcount(&self, id: &ChunkId) -> Result<u64> {
+        Ok(self
+            .eng
+            .get(Cf::Meta, &keys::refcount_key(id))?
+            .filter(|v| v.len() >= 8)
+            .map(|v| keys::le_u64(&v))
+            .unwrap_or(0))
+    }
+}
+
+impl Fs {
+    /// The chunk map of a file at the view epoch, as bytes: equal signatures mean equal
+    /// contents (used by diff without reading data).
+    pub fn content_signature(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut sig = Vec::new();
+        for (rec, p) in self.scan_recs(&keys::map_prefix(ino))? {
+            sig.extend_from_slice(&rec[9..17]);
+            sig.extend_from_slice(&p);
+        }
+        Ok(sig)
+    }
+}

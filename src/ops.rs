@@ -1,0 +1,339 @@
+//! Operator commands, served the same way by the daemon (over the control socket) and by the
+//! CLI on a store no daemon holds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::control::{Request, Response};
+use crate::error::FsError;
+use crate::fs::{check_snapshot_name, Fs, ROOT_INO};
+use crate::inode::{Attr, Kind, Time};
+use crate::views::Views;
+
+pub struct Ctx {
+    pub store_dir: PathBuf,
+    pub chunk_size: usize,
+    pub fs: Arc<Fs>,
+    pub views: Arc<Views>,
+    /// The live mountpoint, when a daemon serves one.
+    pub mountpoint: Option<PathBuf>,
+    /// Snapshot mounts this daemon serves: (name, mountpoint).
+    pub snap_mounts: Arc<Mutex<Vec<(String, PathBuf)>>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SnapshotRow {
+    pub name: String,
+    pub id: u64,
+    /// UTC, RFC 3339.
+    pub created: String,
+    pub created_unix: i64,
+    pub logical_bytes: u64,
+    /// Bytes referenced by no other snapshot and not by the live tree: freed if deleted.
+    pub unique_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DiffEntry {
+    /// "added", "removed" or "modified".
+    pub change: String,
+    pub path: String,
+    pub kind: String,
+}
+
+/// UTC calendar time for a Unix timestamp (proleptic Gregorian, no leap seconds).
+pub fn utc(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+pub fn rfc3339(secs: i64) -> String {
+    let (y, mo, d, h, mi, s) = utc(secs);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+fn fs_err(what: &str, e: FsError) -> String {
+    format!("{what}: {e}")
+}
+
+pub fn snapshot_create(ctx: &Ctx, name: &str) -> Result<String, String> {
+    check_snapshot_name(name)?;
+    let t = Instant::now();
+    if let Some(m) = &ctx.mountpoint {
+        // Dirty pages of mmap writers live in the kernel until written back to us.
+        crate::sys::syncfs(m).map_err(|e| format!("syncfs {} failed: {e}", m.display()))?;
+    }
+    let info = ctx.fs.snapshot_create(name).map_err(|e| match e {
+        FsError::Exists => format!("snapshot {name:?} already exists"),
+        e => fs_err("cannot create the snapshot", e),
+    })?;
+    Ok(format!(
+        "created snapshot {} (id {}) in {:.1} ms",
+        info.name,
+        info.epoch,
+        t.elapsed().as_secs_f64() * 1000.0
+    ))
+}
+
+pub fn snapshot_rows(ctx: &Ctx) -> Result<Vec<SnapshotRow>, String> {
+    let list = ctx
+        .fs
+        .snapshot_list()
+        .map_err(|e| fs_err("cannot list snapshots", e))?;
+    let usage = ctx
+        .fs
+        .snapshot_usage()
+        .map_err(|e| fs_err("cannot compute snapshot usage", e))?;
+    Ok(list
+        .into_iter()
+        .map(|s| {
+            let (logical, unique) = usage.get(&s.epoch).copied().unwrap_or((0, 0));
+            SnapshotRow {
+                created: rfc3339(s.created),
+                created_unix: s.created,
+                id: s.epoch,
+                name: s.name,
+                logical_bytes: logical,
+                unique_bytes: unique,
+            }
+        })
+        .collect())
+}
+
+pub fn snapshot_delete(ctx: &Ctx, name: &str) -> Result<String, String> {
+    if ctx.views.is_mounted(name) {
+        let at: Vec<String> = ctx
+            .snap_mounts
+            .lock()
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, p)| p.display().to_string())
+            .collect();
+        return Err(format!(
+            "snapshot {name:?} is mounted at {}; unmount it first (snapfs umount MOUNTPOINT)",
+            at.join(", ")
+        ));
+    }
+    let r = ctx.fs.snapshot_delete(name).map_err(|e| match e {
+        FsError::NotFound => format!("no snapshot named {name:?}"),
+        e => fs_err("cannot delete the snapshot", e),
+    })?;
+    ctx.views.forget(name);
+    Ok(format!(
+        "deleted snapshot {name} ({} old versions and {} chunks freed)",
+        r.versions_deleted, r.chunks_freed
+    ))
+}
+
+/// One node of a tree walk, for diffs: what identifies its content.
+#[derive(PartialEq, Eq)]
+struct Sig {
+    kind: Kind,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: Time,
+    content: Vec<u8>,
+}
+
+fn walk(fs: &Fs) -> Result<BTreeMap<String, Sig>, FsError> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(String::new(), ROOT_INO)];
+    while let Some((path, ino)) = stack.pop() {
+        for e in fs.readdir(ino)?.into_iter().skip(2) {
+            let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
+            let a: Attr = fs.getattr(e.ino)?;
+            let content = match a.kind {
+                Kind::File => fs.content_signature(e.ino)?,
+                Kind::Symlink => a.target.clone(),
+                _ => Vec::new(),
+            };
+            if a.kind == Kind::Dir {
+                stack.push((p.clone(), e.ino));
+            }
+            out.insert(
+                p,
+                Sig {
+                    kind: a.kind,
+                    perm: a.perm,
+                    uid: a.uid,
+                    gid: a.gid,
+                    size: a.size,
+                    mtime: a.mtime,
+                    content,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::File => "file",
+        Kind::Dir => "dir",
+        Kind::Symlink => "symlink",
+        Kind::Fifo => "fifo",
+        Kind::Socket => "socket",
+        Kind::CharDev => "chardev",
+        Kind::BlockDev => "blockdev",
+    }
+}
+
+/// Paths added, removed and modified from snapshot `a` to `b` (the live tree if None).
+/// A rename shows as a removal and an addition.
+pub fn snapshot_diff(ctx: &Ctx, a: &str, b: Option<&str>) -> Result<Vec<DiffEntry>, String> {
+    let view = |name: &str| -> Result<Fs, String> {
+        let s = ctx.fs.snapshot_get(name).map_err(|e| match e {
+            FsError::NotFound => format!("no snapshot named {name:?}"),
+            e => fs_err("cannot read snapshot", e),
+        })?;
+        Ok(ctx.fs.view(s.epoch))
+    };
+    let old = walk(&view(a)?).map_err(|e| fs_err("cannot walk snapshot", e))?;
+    let new = match b {
+        Some(b) => walk(&view(b)?),
+        None => walk(&ctx.fs.view(ctx.fs.epoch())),
+    }
+    .map_err(|e| fs_err("cannot walk tree", e))?;
+    let mut out = Vec::new();
+    for (p, s) in &old {
+        match new.get(p) {
+            None => out.push(DiffEntry {
+                change: "removed".into(),
+                path: p.clone(),
+                kind: kind_name(s.kind).into(),
+            }),
+            Some(n) if n != s => out.push(DiffEntry {
+                change: "modified".into(),
+                path: p.clone(),
+                kind: kind_name(n.kind).into(),
+            }),
+            _ => {}
+        }
+    }
+    for (p, n) in &new {
+        if !old.contains_key(p) {
+            out.push(DiffEntry {
+                change: "added".into(),
+                path: p.clone(),
+                kind: kind_name(n.kind).into(),
+            });
+        }
+    }
+    out.sort_by(|x, y| x.path.cmp(&y.path).then(x.change.cmp(&y.change)));
+    Ok(out)
+}
+
+pub fn restore(
+    ctx: &Ctx,
+    name: &str,
+    dest: &std::path::Path,
+    path: Option<&str>,
+    progress: &mut dyn FnMut(String),
+) -> Result<String, String> {
+    let s = ctx.fs.snapshot_get(name).map_err(|e| match e {
+        FsError::NotFound => format!("no snapshot named {name:?}"),
+        e => fs_err("cannot read snapshot", e),
+    })?;
+    let view = ctx.fs.view(s.epoch);
+    let t = Instant::now();
+    let st = crate::restore::restore(&view, path, dest, progress)?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(format!(
+        "restored {} files, {} directories, {} hard links, {} bytes to {} in {:.2} s ({:.0} MiB/s)",
+        st.files,
+        st.dirs,
+        st.links,
+        st.bytes,
+        dest.display(),
+        secs,
+        st.bytes as f64 / 1048576.0 / secs.max(1e-9)
+    ))
+}
+
+pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Response {
+    let msg = |r: Result<String, String>| match r {
+        Ok(m) => Response {
+            ok: true,
+            message: Some(m),
+            ..Default::default()
+        },
+        Err(e) => Response::fail(e),
+    };
+    match req {
+        Request::Stat => match crate::report::stat(&ctx.fs, &ctx.store_dir, ctx.chunk_size) {
+            Ok(s) => Response {
+                ok: true,
+                stat: Some(s),
+                ..Default::default()
+            },
+            Err(e) => Response::fail(e),
+        },
+        Request::Sync => match ctx.fs.sync_all() {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::fail(format!("sync failed: {e}")),
+        },
+        Request::SnapshotCreate { name } => msg(snapshot_create(ctx, &name)),
+        Request::SnapshotList => match snapshot_rows(ctx) {
+            Ok(rows) => Response {
+                ok: true,
+                snapshots: Some(rows),
+                ..Default::default()
+            },
+            Err(e) => Response::fail(e),
+        },
+        Request::SnapshotDelete { name } => msg(snapshot_delete(ctx, &name)),
+        Request::SnapshotDiff { a, b } => match snapshot_diff(ctx, &a, b.as_deref()) {
+            Ok(d) => Response {
+                ok: true,
+                diff: Some(d),
+                ..Default::default()
+            },
+            Err(e) => Response::fail(e),
+        },
+        Request::MountSnapshot { name, mountpoint } => {
+            msg(crate::daemon::mount_snapshot(ctx, &name, &mountpoint))
+        }
+        Request::Restore { name, dest, path } => {
+            msg(restore(ctx, &name, &dest, path.as_deref(), progress))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_219_200), "2026-11-21T00:00:00Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
+}

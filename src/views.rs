@@ -1,0 +1,130 @@
+//! Read-only snapshot views served inside the live mount under `/.snapshots/NAME`, and the
+//! inode-number space that keeps them apart.
+//!
+//! A FUSE inode number is `slot << 48 | ino`: slot 0 is the tree the mount serves (live, or
+//! one snapshot for `mount --snapshot`), slots 1..0xFFFE are snapshot views opened on first
+//! lookup, and `SNAPDIR_INO` is the synthetic `.snapshots` directory. Store inode numbers stay
+//! below 2^48 (at 10^6 creates per second that is nine years).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::error::{FsError, Result};
+use crate::fs::{Fs, SnapshotInfo, ROOT_INO};
+use crate::inode::{Attr, Kind};
+
+pub const SLOT_SHIFT: u32 = 48;
+pub const INO_MASK: u64 = (1 << SLOT_SHIFT) - 1;
+pub const SNAPDIR_SLOT: u16 = 0xFFFF;
+pub const SNAPDIR_INO: u64 = ((SNAPDIR_SLOT as u64) << SLOT_SHIFT) | 1;
+pub const SNAPDIR_NAME: &[u8] = b".snapshots";
+
+pub fn join(slot: u16, ino: u64) -> u64 {
+    ((slot as u64) << SLOT_SHIFT) | (ino & INO_MASK)
+}
+
+pub fn split(fuse_ino: u64) -> (u16, u64) {
+    ((fuse_ino >> SLOT_SHIFT) as u16, fuse_ino & INO_MASK)
+}
+
+struct View {
+    name: String,
+    fs: Arc<Fs>,
+}
+
+/// The snapshot views of one daemon, shared by its mounts and its control socket.
+pub struct Views {
+    live: Arc<Fs>,
+    slots: Mutex<HashMap<u16, View>>,
+    next: Mutex<u16>,
+    /// Snapshots mounted on their own mountpoint (`mount --snapshot`): name -> mount count.
+    mounted: Mutex<HashMap<String, usize>>,
+}
+
+impl Views {
+    pub fn new(live: Arc<Fs>) -> Views {
+        Views {
+            live,
+            slots: Mutex::new(HashMap::new()),
+            next: Mutex::new(1),
+            mounted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn live(&self) -> &Arc<Fs> {
+        &self.live
+    }
+
+    /// The slot of a snapshot's view, opening the view on first use.
+    pub fn slot_of(&self, name: &str) -> Result<u16> {
+        let info: SnapshotInfo = self.live.snapshot_get(name)?;
+        let mut slots = self.slots.lock();
+        if let Some((slot, _)) = slots.iter().find(|(_, v)| v.name == name) {
+            return Ok(*slot);
+        }
+        let mut next = self.next.lock();
+        let mut slot = *next;
+        while slots.contains_key(&slot) || slot == 0 || slot == SNAPDIR_SLOT {
+            slot = slot.wrapping_add(1);
+            if slot == *next {
+                return Err(FsError::NoSpace);
+            }
+        }
+        *next = slot.wrapping_add(1);
+        slots.insert(
+            slot,
+            View {
+                name: name.to_string(),
+                fs: Arc::new(self.live.view(info.epoch)),
+            },
+        );
+        Ok(slot)
+    }
+
+    pub fn view(&self, slot: u16) -> Result<Arc<Fs>> {
+        self.slots
+            .lock()
+            .get(&slot)
+            .map(|v| v.fs.clone())
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Forgets the view of a deleted snapshot (its inode numbers then answer ENOENT).
+    pub fn forget(&self, name: &str) {
+        self.slots.lock().retain(|_, v| v.name != name);
+    }
+
+    pub fn mark_mounted(&self, name: &str, up: bool) {
+        let mut m = self.mounted.lock();
+        let n = m.entry(name.to_string()).or_insert(0);
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(name);
+            }
+        }
+    }
+
+    pub fn is_mounted(&self, name: &str) -> bool {
+        self.mounted.lock().contains_key(name)
+    }
+
+    /// Attributes of the synthetic `.snapshots` directory.
+    pub fn snapdir_attr(&self) -> Result<Attr> {
+        let root = self.live.getattr(ROOT_INO)?;
+        let mut a = Attr::new(
+            SNAPDIR_INO,
+            Kind::Dir,
+            0o555,
+            root.uid,
+            root.gid,
+            root.ctime,
+        );
+        a.parent = ROOT_INO;
+        Ok(a)
+    }
+}

@@ -1,0 +1,261 @@
+//! Snapshots through the kernel and the CLI: isolation under a concurrent writer, durability
+//! across kill -9, read-only views, restore, and garbage collection.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{bin, Mount, Rng};
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (success, out, err) = cli(args);
+    assert!(success, "snapfs {args:?} failed: {err}");
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The byte at offset `i` of the writer's stream.
+fn stream_byte(i: u64) -> u8 {
+    let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8 ^ (i as u8)
+}
+
+#[test]
+fn snapshots_hold_a_prefix_of_acknowledged_appends() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let m = Mount::start(&store, &t.path().join("mnt"));
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, acked, stop) = (m.path("log"), acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut f = fs::File::create(path).unwrap();
+            let mut off = 0u64;
+            let mut n = 1usize;
+            while !stop.load(Ordering::Relaxed) {
+                // Odd sizes so appends straddle chunk boundaries.
+                n = (n * 7 + 13_001) % 100_000 + 1;
+                std::thread::sleep(Duration::from_millis(3));
+                let buf: Vec<u8> = (off..off + n as u64).map(stream_byte).collect();
+                f.write_all(&buf).unwrap();
+                off += n as u64;
+                acked.store(off, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut taken = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let before = acked.load(Ordering::SeqCst);
+        let name = format!("iso{i}");
+        ok(&["snapshot", "create", s(&m.mnt), &name]);
+        let after = acked.load(Ordering::SeqCst);
+        taken.push((name, before, after));
+        i += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(taken.len() >= 20, "only {} snapshots taken", taken.len());
+    for (name, before, after) in &taken {
+        let data = fs::read(m.path(&format!(".snapshots/{name}/log"))).unwrap();
+        let len = data.len() as u64;
+        assert!(
+            len >= *before && len <= *after,
+            "{name}: holds {len} bytes, writer had acknowledged {before} before and {after} after"
+        );
+        let bad = data
+            .iter()
+            .enumerate()
+            .position(|(i, b)| *b != stream_byte(i as u64));
+        assert_eq!(bad, None, "{name}: torn or foreign byte");
+    }
+    eprintln!(
+        "{} snapshots verified against a concurrent appender",
+        taken.len()
+    );
+    m.stop();
+}
+
+#[test]
+fn snapshot_survives_kill9_right_after_create() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let mnt = t.path().join("mnt");
+    let mut rng = Rng::from_env_or_time();
+    let data = rng.bytes(5 << 20);
+    let m = Mount::start(&store, &mnt);
+    let mut f = fs::File::create(m.path("ckpt")).unwrap();
+    f.write_all(&data).unwrap();
+    // No fsync and the file still open: the snapshot itself must make this durable.
+    ok(&["snapshot", "create", s(&m.mnt), "before-crash"]);
+    m.kill();
+    drop(f);
+    let m = Mount::start(&store, &mnt);
+    let list = ok(&["snapshot", "list", s(&m.mnt), "--json"]);
+    assert!(list.contains("before-crash"), "{list}");
+    let back = fs::read(m.path(".snapshots/before-crash/ckpt")).unwrap();
+    assert!(back == data, "snapshot content differs after kill -9");
+    m.stop();
+}
+
+#[test]
+fn snapshot_views_are_read_only_and_deletion_of_mounted_is_refused() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let m = Mount::start(&store, &t.path().join("mnt"));
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"version one").unwrap();
+    ok(&["snapshot", "create", s(&m.mnt), "v1"]);
+    fs::write(m.path("d/f"), b"version two!").unwrap();
+    // Hidden from readdir, reachable by name.
+    let root: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!root.contains(&".snapshots".to_string()), "{root:?}");
+    assert_eq!(
+        fs::read(m.path(".snapshots/v1/d/f")).unwrap(),
+        b"version one"
+    );
+    assert_eq!(fs::read(m.path("d/f")).unwrap(), b"version two!");
+    let erofs = |r: std::io::Result<()>| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    };
+    erofs(fs::write(m.path(".snapshots/v1/d/f"), b"x"));
+    erofs(fs::write(m.path(".snapshots/v1/new"), b"x"));
+    erofs(fs::remove_file(m.path(".snapshots/v1/d/f")));
+    erofs(fs::create_dir(m.path(".snapshots/v1/x")));
+    erofs(fs::rename(
+        m.path(".snapshots/v1/d/f"),
+        m.path(".snapshots/v1/g"),
+    ));
+    // Its own read-only mount, served by the running daemon.
+    let smnt = t.path().join("snapmnt");
+    fs::create_dir(&smnt).unwrap();
+    ok(&["mount", s(&store), s(&smnt), "--snapshot", "v1"]);
+    assert_eq!(fs::read(smnt.join("d/f")).unwrap(), b"version one");
+    erofs(fs::write(smnt.join("d/f"), b"x"));
+    erofs(fs::write(smnt.join("new"), b"x"));
+    let (success, _, err) = cli(&["snapshot", "delete", s(&m.mnt), "v1"]);
+    assert!(!success && err.contains("mounted"), "{err}");
+    ok(&["umount", s(&smnt)]);
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&["snapshot", "delete", s(&m.mnt), "v1"]);
+    assert!(fs::metadata(m.path(".snapshots/v1")).is_err());
+    // Names are validated.
+    for bad in ["a/b", "..", "x\u{1}y", ""] {
+        let (success, _, err) = cli(&["snapshot", "create", s(&m.mnt), bad]);
+        assert!(!success && !err.contains("panicked"), "{bad:?}: {err}");
+    }
+    m.stop();
+}
+
+#[test]
+fn restore_preserves_metadata_and_gc_frees_only_unreferenced_chunks() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let mut rng = Rng::from_env_or_time();
+    let m = Mount::start(&store, &t.path().join("mnt"));
+    let a = rng.bytes(6 << 20);
+    let b = rng.bytes(3 << 20);
+    fs::create_dir(m.path("ck")).unwrap();
+    fs::write(m.path("ck/a"), &a).unwrap();
+    fs::write(m.path("ck/b"), &b).unwrap();
+    fs::hard_link(m.path("ck/a"), m.path("ck/a-link")).unwrap();
+    std::os::unix::fs::symlink("a", m.path("ck/sym")).unwrap();
+    std::os::unix::fs::chown(m.path("ck/b"), Some(4321), Some(8765)).unwrap();
+    ok(&["snapshot", "create", s(&m.mnt), "keep"]);
+    // Overwrite everything, snapshot, overwrite again.
+    fs::write(m.path("ck/a"), rng.bytes(6 << 20)).unwrap();
+    ok(&["snapshot", "create", s(&m.mnt), "drop"]);
+    fs::write(m.path("ck/a"), rng.bytes(6 << 20)).unwrap();
+    fs::remove_file(m.path("ck/b")).unwrap();
+    let chunks = |m: &Mount| -> u64 {
+        let j: serde_json::Value =
+            serde_json::from_str(&ok(&["stat", s(&m.mnt), "--json"])).unwrap();
+        j["chunks"].as_u64().unwrap()
+    };
+    let before = chunks(&m);
+    ok(&["snapshot", "delete", s(&m.mnt), "drop"]);
+    let after = chunks(&m);
+    assert!(
+        after + 6 <= before,
+        "deleting a snapshot freed {} chunks",
+        before - after
+    );
+    // The surviving snapshot is intact.
+    assert!(fs::read(m.path(".snapshots/keep/ck/a")).unwrap() == a);
+    assert!(fs::read(m.path(".snapshots/keep/ck/b")).unwrap() == b);
+    // Restore it and compare.
+    let dest = t.path().join("restored");
+    ok(&["restore", s(&m.mnt), "keep", s(&dest)]);
+    assert!(fs::read(dest.join("ck/a")).unwrap() == a);
+    assert!(fs::read(dest.join("ck/b")).unwrap() == b);
+    assert_eq!(
+        fs::read_link(dest.join("ck/sym")).unwrap().to_str(),
+        Some("a")
+    );
+    let (ma, ml) = (
+        fs::metadata(dest.join("ck/a")).unwrap(),
+        fs::metadata(dest.join("ck/a-link")).unwrap(),
+    );
+    assert_eq!(ma.ino(), ml.ino(), "hard link not preserved");
+    let mb = fs::metadata(dest.join("ck/b")).unwrap();
+    assert_eq!((mb.uid(), mb.gid()), (4321, 8765));
+    let orig = fs::metadata(m.path(".snapshots/keep/ck/b")).unwrap();
+    assert_eq!(
+        (mb.mtime(), mb.mtime_nsec()),
+        (orig.mtime(), orig.mtime_nsec())
+    );
+    assert_eq!(mb.mode(), orig.mode());
+    // A non-empty destination is refused; a subpath restores alone.
+    let (success, _, err) = cli(&["restore", s(&m.mnt), "keep", s(&dest)]);
+    assert!(!success && err.contains("not an empty"), "{err}");
+    let one = t.path().join("one");
+    ok(&["restore", s(&m.mnt), "keep", s(&one), "--path", "ck/b"]);
+    let mut got = Vec::new();
+    fs::File::open(&one).unwrap().read_to_end(&mut got).unwrap();
+    assert!(got == b);
+    let (success, _, err) = cli(&[
+        "restore",
+        s(&m.mnt),
+        "keep",
+        s(&t.path().join("x")),
+        "--path",
+        "../etc",
+    ]);
+    assert!(!success && err.contains(".."), "{err}");
+    // Delete the last snapshot and all files: the store returns to (almost) nothing.
+    ok(&["snapshot", "delete", s(&m.mnt), "keep"]);
+    fs::remove_dir_all(m.path("ck")).unwrap();
+    m.stop();
+    let j: serde_json::Value = serde_json::from_str(&ok(&["stat", s(&store), "--json"])).unwrap();
+    assert_eq!(j["chunks"], 0, "{j}");
+    assert_eq!(j["referenced_bytes"], 0, "{j}");
+}
