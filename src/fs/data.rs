@@ -33,8 +33,11 @@ pub(crate) struct SealJob {
     time: Time,
 }
 
-/// Chunks queued for sealing across all files (backpressure on fast writers).
-const SEAL_QUEUE: usize = 4;
+/// Chunks queued per sealer thread (backpressure on fast writers).
+const SEAL_QUEUE: usize = 2;
+/// Sealer threads. A chunk index always goes to the same thread, so two seals of one chunk
+/// commit in the order they were queued; hashing and compression of different chunks overlap.
+const SEALERS: usize = 2;
 
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 /// Unsealed bytes one file may hold before all its buffers are sealed.
@@ -174,7 +177,7 @@ impl Fs {
     /// Hands full buffers to the sealer thread.
     fn enqueue(
         &self,
-        q: &crossbeam_channel::Sender<SealJob>,
+        queues: &[crossbeam_channel::Sender<SealJob>],
         h: &Handle,
         st: &mut FileState,
         full: &[u64],
@@ -195,6 +198,8 @@ impl Fs {
                 size: st.size,
                 time,
             };
+            let q =
+                &queues[(h.ino.wrapping_mul(31).wrapping_add(*idx) % queues.len() as u64) as usize];
             if let Err(e) = q.send(job) {
                 // The sealer is gone (shutting down): seal inline instead.
                 let job = e.into_inner();
@@ -204,24 +209,32 @@ impl Fs {
         Ok(())
     }
 
-    /// Starts the background sealer. Without it, full chunks are sealed inline by the writer.
+    /// Starts the background sealers. Without them, full chunks are sealed inline.
     pub fn start_sealer(self: &Arc<Self>) {
-        let (tx, rx) = crossbeam_channel::bounded::<SealJob>(SEAL_QUEUE);
-        if self.sealer.set(tx).is_err() {
+        let mut queues = Vec::with_capacity(SEALERS);
+        let mut receivers = Vec::with_capacity(SEALERS);
+        for _ in 0..SEALERS {
+            let (tx, rx) = crossbeam_channel::bounded::<SealJob>(SEAL_QUEUE);
+            queues.push(tx);
+            receivers.push(rx);
+        }
+        if self.sealer.set(queues).is_err() {
             return;
         }
-        let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("snapfs-sealer".into())
-            .spawn(move || {
-                for job in rx {
-                    let Some(fs) = weak.upgrade() else { break };
-                    let r = fs.commit_job(&job);
-                    fs.finish_job(&job, r);
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start the sealer thread ({e}); sealing inline");
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let weak = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("snapfs-sealer-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        let Some(fs) = weak.upgrade() else { break };
+                        let r = fs.commit_job(&job);
+                        fs.finish_job(&job, r);
+                    }
+                });
+            if let Err(e) = spawned {
+                log::error!("cannot start a sealer thread: {e}");
+            }
         }
     }
 
@@ -231,9 +244,11 @@ impl Fs {
         let mut txn = Txn::new(self);
         self.add_prepared(&mut txn, job.ino, vec![(job.idx, prepared)])?;
         let mut a = txn.attr(job.ino)?;
-        a.size = job.size;
-        a.mtime = job.time;
-        a.ctime = job.time;
+        // Sealers may commit out of order across chunks; sizes only shrink through truncate,
+        // which waits for every queued job first.
+        a.size = a.size.max(job.size);
+        a.mtime = a.mtime.max(job.time);
+        a.ctime = a.ctime.max(job.time);
         txn.put_attr(a);
         txn.commit(&mut meta, false)
     }

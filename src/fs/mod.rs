@@ -4,8 +4,8 @@
 //! writes metadata (namespace changes, chunk-map changes, refcounts, counters). Each open file
 //! has a reader-writer lock over its write buffers; the lock order is file state, then `meta`,
 //! then the open-file table (the sealing map, in-flight count and error of a file are leaf
-//! locks). Full chunks are hashed, compressed and committed by one background sealer thread,
-//! in order, while the writer goes on; partial chunks are sealed inline by flush and fsync.
+//! locks). Full chunks are hashed, compressed and committed by background sealer threads
+//! (one chunk index always on the same thread, so in order) while the writer goes on; partial chunks are sealed inline by flush and fsync.
 
 mod data;
 mod ns;
@@ -161,7 +161,7 @@ pub struct Fs {
     open: Mutex<HashMap<u64, OpenEntry>>,
     cache: ChunkCache,
     /// Queue of the background sealer (absent until `start_sealer`; sealing is then inline).
-    sealer: std::sync::OnceLock<crossbeam_channel::Sender<data::SealJob>>,
+    sealer: std::sync::OnceLock<Vec<crossbeam_channel::Sender<data::SealJob>>>,
     /// Serializes garbage-collection passes (each reference is dropped once).
     gc_lock: Mutex<()>,
 }
