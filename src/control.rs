@@ -21,6 +21,9 @@ pub enum Request {
     Sync,
     SnapshotCreate {
         name: String,
+        /// Wait for the WAL fsync (power-loss durability) before answering.
+        #[serde(default)]
+        durable: bool,
     },
     SnapshotList,
     SnapshotDelete {
@@ -33,6 +36,10 @@ pub enum Request {
     MountSnapshot {
         name: String,
         mountpoint: PathBuf,
+    },
+    Rollback {
+        name: String,
+        destroy_newer: bool,
     },
     Restore {
         name: String,

@@ -56,7 +56,7 @@ fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::
                 return; // the daemon is shutting down
             }
             let name = crate::retention::auto_name(crate::inode::Time::now().secs);
-            match crate::ops::snapshot_create(&ctx, &name) {
+            match crate::ops::snapshot_create(&ctx, &name, false) {
                 Ok(m) => log::info!("{m}"),
                 Err(e) => log::error!("automatic snapshot failed: {e}"),
             }

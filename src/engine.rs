@@ -133,6 +133,16 @@ impl Engine {
         Ok(self.db.get_cf(self.cf(cf), key)?)
     }
 
+    /// Runs `f` on a value in place (no copy out of RocksDB's buffer).
+    pub fn with_value<R>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
+        Ok(self.db.get_pinned_cf(self.cf(cf), key)?.map(|v| f(&v)))
+    }
+
     pub fn exists(&self, cf: Cf, key: &[u8]) -> Result<bool> {
         Ok(self.db.get_pinned_cf(self.cf(cf), key)?.is_some())
     }

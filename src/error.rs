@@ -21,6 +21,7 @@ pub enum FsError {
     XDev,
     Unsupported,
     BadHandle,
+    Busy,
     /// Stored bytes failed verification (checksum, decode, or a dangling reference).
     Corrupt,
     /// The storage engine failed (I/O error, engine in a failed state).
@@ -47,6 +48,7 @@ impl FsError {
             FsError::XDev => libc::EXDEV,
             FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::BadHandle => libc::EBADF,
+            FsError::Busy => libc::EBUSY,
             FsError::Corrupt | FsError::Io => libc::EIO,
         }
     }

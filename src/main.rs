@@ -101,6 +101,17 @@ enum Cmd {
     /// Create, list, delete, compare and prune snapshots.
     #[command(subcommand)]
     Snapshot(SnapCmd),
+    /// Turn the live tree back to a snapshot (the store must be unmounted). Newer snapshots
+    /// are kept unless --destroy-newer.
+    Rollback {
+        target: PathBuf,
+        name: String,
+        /// Confirm: changes since the snapshot are discarded from the live tree.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        destroy_newer: bool,
+    },
     /// Export a snapshot (or one path of it) to a plain directory.
     Restore {
         target: PathBuf,
@@ -114,8 +125,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SnapCmd {
-    /// Take an instant, consistent snapshot of the live tree.
-    Create { target: PathBuf, name: String },
+    /// Take an instant, consistent snapshot of the live tree. It survives a crash of the
+    /// daemon once this returns; with --durable, also a power loss (waits for a WAL fsync).
+    Create {
+        target: PathBuf,
+        name: String,
+        #[arg(long)]
+        durable: bool,
+    },
     /// List snapshots: name, id, creation time, logical size, bytes unique to each.
     List {
         target: PathBuf,
@@ -190,9 +207,14 @@ fn json<T: serde::Serialize>(v: &T) -> Result<(), String> {
 
 fn snapshot_cmd(c: SnapCmd) -> Result<(), String> {
     match c {
-        SnapCmd::Create { target, name } => {
+        SnapCmd::Create {
+            target,
+            name,
+            durable,
+        } => {
             snapfs::fs::check_snapshot_name(&name)?;
-            print_message(checked(run(&target, Request::SnapshotCreate { name })?)?);
+            let req = Request::SnapshotCreate { name, durable };
+            print_message(checked(run(&target, req)?)?);
         }
         SnapCmd::List {
             target,
@@ -322,6 +344,26 @@ fn main() -> ExitCode {
         Cmd::Umount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Stat { target, json } => stat(&target, json),
         Cmd::Snapshot(c) => snapshot_cmd(c),
+        Cmd::Rollback {
+            target,
+            name,
+            yes,
+            destroy_newer,
+        } => {
+            if !yes {
+                Err("rollback discards every change made since the snapshot; add --yes".into())
+            } else {
+                run(
+                    &target,
+                    Request::Rollback {
+                        name,
+                        destroy_newer,
+                    },
+                )
+                .and_then(checked)
+                .map(print_message)
+            }
+        }
         Cmd::Restore {
             target,
             name,

@@ -79,14 +79,14 @@ fn fs_err(what: &str, e: FsError) -> String {
     format!("{what}: {e}")
 }
 
-pub fn snapshot_create(ctx: &Ctx, name: &str) -> Result<String, String> {
+pub fn snapshot_create(ctx: &Ctx, name: &str, durable: bool) -> Result<String, String> {
     check_snapshot_name(name)?;
     let t = Instant::now();
     if let Some(m) = &ctx.mountpoint {
         // Dirty pages of mmap writers live in the kernel until written back to us.
         crate::sys::syncfs(m).map_err(|e| format!("syncfs {} failed: {e}", m.display()))?;
     }
-    let info = ctx.fs.snapshot_create(name).map_err(|e| match e {
+    let info = ctx.fs.snapshot_create(name, durable).map_err(|e| match e {
         FsError::Exists => format!("snapshot {name:?} already exists"),
         e => fs_err("cannot create the snapshot", e),
     })?;
@@ -276,6 +276,40 @@ pub fn restore(
     ))
 }
 
+/// Rolls the live tree back to a snapshot. Only on a store no daemon serves.
+pub fn rollback(ctx: &Ctx, name: &str, destroy_newer: bool) -> Result<String, String> {
+    if ctx.mountpoint.is_some() {
+        return Err(
+            "rollback needs the store unmounted: run snapfs umount MOUNTPOINT first".into(),
+        );
+    }
+    let target = ctx.fs.snapshot_get(name).map_err(|e| match e {
+        FsError::NotFound => format!("no snapshot named {name:?}"),
+        e => fs_err("cannot read snapshot", e),
+    })?;
+    let newer: Vec<String> = ctx
+        .fs
+        .snapshot_list()
+        .map_err(|e| fs_err("cannot list snapshots", e))?
+        .into_iter()
+        .filter(|s| s.epoch > target.epoch)
+        .map(|s| s.name)
+        .collect();
+    let r = ctx.fs.rollback(name, destroy_newer).map_err(|e| match e {
+        FsError::Busy => "files are open on this store; close them first".to_string(),
+        e => fs_err("rollback failed", e),
+    })?;
+    let kept = if destroy_newer || newer.is_empty() {
+        String::new()
+    } else {
+        format!("; newer snapshots kept: {}", newer.join(", "))
+    };
+    Ok(format!(
+        "rolled back to {name}: {} records changed, {} newer snapshots destroyed{kept}",
+        r.records_changed, r.snapshots_destroyed
+    ))
+}
+
 pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Response {
     let msg = |r: Result<String, String>| match r {
         Ok(m) => Response {
@@ -298,7 +332,7 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Resp
             Ok(()) => Response::ok(),
             Err(e) => Response::fail(format!("sync failed: {e}")),
         },
-        Request::SnapshotCreate { name } => msg(snapshot_create(ctx, &name)),
+        Request::SnapshotCreate { name, durable } => msg(snapshot_create(ctx, &name, durable)),
         Request::SnapshotList => match snapshot_rows(ctx) {
             Ok(rows) => Response {
                 ok: true,
@@ -319,6 +353,10 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Resp
         Request::MountSnapshot { name, mountpoint } => {
             msg(crate::daemon::mount_snapshot(ctx, &name, &mountpoint))
         }
+        Request::Rollback {
+            name,
+            destroy_newer,
+        } => msg(rollback(ctx, &name, destroy_newer)),
         Request::Restore { name, dest, path } => {
             msg(restore(ctx, &name, &dest, path.as_deref(), progress))
         }

@@ -1,5 +1,5 @@
 //! Model test: random sequences of write / truncate / rename / unlink / mkdir / rmdir /
-//! snapshot / delete-snapshot / remount against an in-memory model. After every step the live
+//! snapshot / delete-snapshot / rollback / remount against an in-memory model. After every step the live
 //! tree, and every surviving snapshot, must read back exactly what the model says.
 //!
 //! SNAPFS_MODEL_STEPS sets the steps per seed (default 400); SNAPFS_TEST_SEED replays a seed.
@@ -224,11 +224,28 @@ fn run_seed(rng: &mut Rng, steps: usize) {
             75..=86 => {
                 snap_counter += 1;
                 let name = format!("s{snap_counter}");
-                fs.snapshot_create(&name).unwrap();
+                fs.snapshot_create(&name, rng.below(2) == 0).unwrap();
                 snaps.insert(name.clone(), model.clone());
                 what = format!("snapshot {name}");
             }
-            87..=93 => {
+            92..=94 => {
+                let Some(name) = snaps
+                    .keys()
+                    .nth(rng.below(snaps.len().max(1) as u64) as usize)
+                    .cloned()
+                else {
+                    continue;
+                };
+                let destroy = rng.below(2) == 0;
+                fs.rollback(&name, destroy).unwrap();
+                model = snaps[&name].clone();
+                if destroy {
+                    let n: u32 = name[1..].parse().unwrap();
+                    snaps.retain(|k, _| k[1..].parse::<u32>().unwrap() <= n);
+                }
+                what = format!("rollback to {name} (destroy newer: {destroy})");
+            }
+            87..=91 => {
                 let Some(name) = snaps
                     .keys()
                     .nth(rng.below(snaps.len().max(1) as u64) as usize)

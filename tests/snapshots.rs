@@ -259,3 +259,103 @@ fn restore_preserves_metadata_and_gc_frees_only_unreferenced_chunks() {
     assert_eq!(j["chunks"], 0, "{j}");
     assert_eq!(j["referenced_bytes"], 0, "{j}");
 }
+
+/// The pjdfstest `erofs` cases need a read-only remount, which a FUSE mount cannot do; this is
+/// the same battery of calls against a read-only snapshot mount and `.snapshots`.
+#[test]
+fn every_modifying_call_on_a_snapshot_is_erofs() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let m = Mount::start(&store, &t.path().join("mnt"));
+    fs::create_dir(m.path("dir")).unwrap();
+    fs::create_dir(m.path("dir/empty")).unwrap();
+    fs::write(m.path("dir/file"), b"data").unwrap();
+    std::os::unix::fs::symlink("file", m.path("dir/sym")).unwrap();
+    ok(&["snapshot", "create", s(&m.mnt), "ro"]);
+    let smnt = t.path().join("smnt");
+    fs::create_dir(&smnt).unwrap();
+    ok(&["mount", s(&store), s(&smnt), "--snapshot", "ro"]);
+    let mut checked = 0;
+    for base in [smnt.clone(), m.path(".snapshots/ro")] {
+        let p = |rel: &str| base.join(rel);
+        let erofs = |what: &str, r: std::io::Result<()>| match r {
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+            other => panic!(
+                "{what} under {}: expected EROFS, got {other:?}",
+                base.display()
+            ),
+        };
+        let open = |rel: &str, o: &mut fs::OpenOptions| o.open(p(rel)).map(|_| ());
+        erofs(
+            "open O_WRONLY",
+            open("dir/file", fs::OpenOptions::new().write(true)),
+        );
+        erofs(
+            "open O_RDWR",
+            open("dir/file", fs::OpenOptions::new().read(true).write(true)),
+        );
+        erofs(
+            "open O_APPEND",
+            open("dir/file", fs::OpenOptions::new().append(true)),
+        );
+        erofs(
+            "open O_TRUNC",
+            open(
+                "dir/file",
+                fs::OpenOptions::new().write(true).truncate(true),
+            ),
+        );
+        erofs(
+            "open O_CREAT",
+            open("dir/new", fs::OpenOptions::new().write(true).create(true)),
+        );
+        erofs("mkdir", fs::create_dir(p("dir/newdir")));
+        erofs("rmdir", fs::remove_dir(p("dir/empty")));
+        erofs("unlink", fs::remove_file(p("dir/file")));
+        erofs("unlink symlink", fs::remove_file(p("dir/sym")));
+        erofs("rename", fs::rename(p("dir/file"), p("dir/file2")));
+        erofs("rename dir", fs::rename(p("dir/empty"), p("dir/empty2")));
+        erofs("link", fs::hard_link(p("dir/file"), p("dir/link")));
+        erofs("symlink", std::os::unix::fs::symlink("x", p("dir/sym2")));
+        erofs(
+            "chmod",
+            fs::set_permissions(
+                p("dir/file"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            ),
+        );
+        erofs(
+            "chown",
+            std::os::unix::fs::chown(p("dir/file"), Some(1), Some(1)),
+        );
+        erofs(
+            "lchown",
+            std::os::unix::fs::lchown(p("dir/sym"), Some(1), Some(1)),
+        );
+        for (what, cmd, args) in [
+            ("truncate", "truncate", vec!["-s", "0"]),
+            ("utimes", "touch", vec!["-d", "2001-01-01"]),
+            ("setxattr", "setfattr", vec!["-n", "user.x", "-v", "1"]),
+        ] {
+            if let Ok(out) = Command::new(cmd).args(&args).arg(p("dir/file")).output() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    !out.status.success() && err.contains("Read-only file system"),
+                    "{what} under {}: {err}",
+                    base.display()
+                );
+            }
+        }
+        if let Ok(out) = Command::new("mkfifo").arg(p("dir/fifo")).output() {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"));
+        }
+        // Reads still work.
+        assert_eq!(fs::read(p("dir/file")).unwrap(), b"data");
+        assert_eq!(fs::read_link(p("dir/sym")).unwrap().to_str(), Some("file"));
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+    ok(&["umount", s(&smnt)]);
+    m.stop();
+}

@@ -23,7 +23,8 @@ options:
   --threads N       pass --threads N to `snapfs mount`
   --workdir DIR     where test dirs and stores live (default /var/tmp/snapfs-bench)
   --results DIR     results dir (default WORKDIR/results/YYYYmmdd-HHMMSS)
-env: SNAPFS_BIN (default ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs)
+env: SNAPFS_BIN (default ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs),
+     SNAPFS_MOUNT_OPTS (extra `snapfs mount` arguments, e.g. "--chunk-size 4194304")
 Must run as root (drop_caches). Refuses to run with less than 8 GiB free.
 EOF
 }
@@ -102,6 +103,7 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
     echo "git:     $(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo none)"
     echo "snapfs:  $SNAPFS"
     echo "runs=$RUNS size_mib=$SIZE_MIB files=$FILES threads=${THREADS:-default} workdir=$WORK"
+    echo "SNAPFS_MOUNT_OPTS=${SNAPFS_MOUNT_OPTS:-}"
     echo; echo "\$ uname -a"; uname -a
     echo "\$ nproc"; nproc
     echo "\$ free -g"; free -g
@@ -223,12 +225,12 @@ bench_p7() {
 }
 
 dedup_stat() {   # LABEL: snapfs stat --json + du of the store, into results
-    local label=$1 f=$RESULTS/dedup-stat-$1.json stored logical du
+    local label=$1 f=$RESULTS/dedup-stat-$1.json stored logical unique du
     sync
     "$SNAPFS" stat "$WORK/mnt-dedup" --json >"$f"
-    read -r stored logical < <(io stored-bytes "$f")
+    read -r stored logical unique < <(io stored-bytes "$f")
     du=$(du -sb "$WORK/store-dedup" | cut -f1)
-    printf '%s\t%s\t%s\t%s\n' "$label" "$logical" "$stored" "$du" >>"$RESULTS/dedup.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$label" "$logical" "$unique" "$stored" "$du" >>"$RESULTS/dedup.tsv"
     echo "  -- snapfs stat after: $label"
     "$SNAPFS" stat "$WORK/mnt-dedup" | sed 's/^/     /'
     echo "     du -sb store: $du"
@@ -242,7 +244,7 @@ bench_dedup() {
     s=$(seed dedup snapfs content)
     rm -rf "$WORK/store-dedup"
     snap_mount "$WORK/store-dedup" "$WORK/mnt-dedup" "$RESULTS/snapfs-dedup.log"
-    printf 'label\tlogical_bytes\tstored_bytes\tdu_store_bytes\n' >"$RESULTS/dedup.tsv"
+    printf 'label\tlogical_bytes\tunique_bytes\tstored_bytes\tdu_store_bytes\n' >"$RESULTS/dedup.tsv"
     echo "== dedup: same ${SIZE_MIB} MiB content written twice on snapfs"
     dedup_stat empty
     io write "$WORK/mnt-dedup/copy1.bin" --mib "$SIZE_MIB" --seed "$s" \

@@ -8,8 +8,8 @@ Timed subcommands (each appends one row to --out TSV and prints a line):
   read PATH                            read a file in 1 MiB reads
   smallfiles DIR --count N --seed S    N files of --size bytes (no fsync)
 Other subcommands:
-  stored-bytes JSON_FILE               print the stored/logical byte counts of
-                                       `snapfs stat --json` output
+  stored-bytes JSON_FILE               print stored_bytes, logical_bytes and
+                                       unique_bytes of `snapfs stat --json`
   summarize TSV [--bench B] [--json F] markdown tables: per-run, medians, ratio
 
 Data is generated *before* the timer starts from random.Random(seed), so it is
@@ -140,25 +140,16 @@ def cmd_smallfiles(args):
     record(args, time.perf_counter() - t0, args.count * args.size, args.count)
 
 
-def _find(obj, words):
-    """First numeric value whose key contains all `words` (recursive)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, (int, float)) and all(w in k.lower() for w in words):
-                return v
-        for v in obj.values():
-            r = _find(v, words)
-            if r is not None:
-                return r
-    return None
+STAT_FIELDS = ("stored_bytes", "logical_bytes", "unique_bytes")
 
 
 def cmd_stored_bytes(args):
+    """Print stored_bytes, logical_bytes and unique_bytes of `snapfs stat
+    --json` (exact field names; NA for a missing one)."""
     with open(args.json_file) as f:
         st = json.load(f)
-    stored = _find(st, ["stored", "bytes"]) or _find(st, ["stored"])
-    logical = _find(st, ["logical", "bytes"]) or _find(st, ["logical"])
-    print(" ".join("NA" if v is None else str(int(v)) for v in (stored, logical)))
+    vals = [st.get(k) if isinstance(st, dict) else None for k in STAT_FIELDS]
+    print(" ".join(str(int(v)) if isinstance(v, (int, float)) else "NA" for v in vals))
 
 
 def _rate(row):

@@ -46,6 +46,31 @@ const MAX_DIRTY_PER_FILE: usize = 64 << 20;
 pub const FALLOC_KEEP_SIZE: i32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: i32 = 0x02;
 
+/// Bytes returned by a read: a window into a shared, verified chunk, or an assembled buffer.
+pub struct ReadBuf {
+    data: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadBuf {
+    fn empty() -> ReadBuf {
+        ReadBuf {
+            data: Arc::new(Vec::new()),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+}
+
 /// An open file handle as the core sees it.
 pub struct Handle {
     pub ino: u64,
@@ -84,13 +109,33 @@ impl Fs {
         self.eng.sync()
     }
 
-    pub fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<ReadBuf> {
         let st = h.file.state.read();
         if offset >= st.size {
-            return Ok(Vec::new());
+            return Ok(ReadBuf::empty());
         }
         let end = st.size.min(offset.saturating_add(size as u64));
         let cs = self.chunk_size as u64;
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        if first == last && !st.buffers.contains_key(&first) {
+            // The common case (aligned reads inside one sealed chunk): answer from the
+            // verified chunk itself, without assembling a copy.
+            let within = (offset % cs) as usize;
+            let n = (end - offset) as usize;
+            if !h.file.sealing.lock().contains_key(&first) {
+                if let Some(p) = self.get_rec(&keys::map_rec(h.ino, first))? {
+                    let e = MapEntry::decode(&p).ok_or(FsError::Corrupt)?;
+                    let data = self.load_chunk(&e.id)?;
+                    if within + n <= data.len() {
+                        return Ok(ReadBuf {
+                            data,
+                            start: within,
+                            end: within + n,
+                        });
+                    }
+                }
+            }
+        }
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut pos = offset;
         while pos < end {
@@ -118,7 +163,12 @@ impl Fs {
             }
             pos += n as u64;
         }
-        Ok(out)
+        let n = out.len();
+        Ok(ReadBuf {
+            data: Arc::new(out),
+            start: 0,
+            end: n,
+        })
     }
 
     pub fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<u32> {
@@ -203,7 +253,7 @@ impl Fs {
             if let Err(e) = q.send(job) {
                 // The sealer is gone (shutting down): seal inline instead.
                 let job = e.into_inner();
-                self.finish_job(&job, self.commit_job(&job));
+                finish_job(&job, self.commit_job(&job));
             }
         }
         Ok(())
@@ -227,9 +277,13 @@ impl Fs {
                 .name(format!("snapfs-sealer-{i}"))
                 .spawn(move || {
                     for job in rx {
-                        let Some(fs) = weak.upgrade() else { break };
-                        let r = fs.commit_job(&job);
-                        fs.finish_job(&job, r);
+                        // The strong reference ends before the job is marked done, so whoever
+                        // waits for the job may drop the last one and close the engine.
+                        let r = match weak.upgrade() {
+                            Some(fs) => fs.commit_job(&job),
+                            None => Err(FsError::Io),
+                        };
+                        finish_job(&job, r);
                     }
                 });
             if let Err(e) = spawned {
@@ -251,24 +305,6 @@ impl Fs {
         a.ctime = a.ctime.max(job.time);
         txn.put_attr(a);
         txn.commit(&mut meta, false)
-    }
-
-    fn finish_job(&self, job: &SealJob, r: Result<()>) {
-        {
-            let mut s = job.file.sealing.lock();
-            if s.get(&job.idx).is_some_and(|d| Arc::ptr_eq(d, &job.data)) {
-                s.remove(&job.idx);
-            }
-        }
-        if let Err(e) = r {
-            log::error!("sealing chunk {} of inode {} failed: {e}", job.idx, job.ino);
-            job.file.set_error(e);
-        }
-        let mut n = job.file.inflight.lock();
-        *n -= 1;
-        if *n == 0 {
-            job.file.idle.notify_all();
-        }
     }
 
     /// The current bytes of chunk `idx`: queued for sealing, or stored.
@@ -504,6 +540,25 @@ impl Fs {
             done += data.len() as u64;
         }
         Ok(done)
+    }
+}
+
+/// Marks a seal job done: drops its chunk from `sealing`, records an error, wakes waiters.
+fn finish_job(job: &SealJob, r: Result<()>) {
+    {
+        let mut s = job.file.sealing.lock();
+        if s.get(&job.idx).is_some_and(|d| Arc::ptr_eq(d, &job.data)) {
+            s.remove(&job.idx);
+        }
+    }
+    if let Err(e) = r {
+        log::error!("sealing chunk {} of inode {} failed: {e}", job.idx, job.ino);
+        job.file.set_error(e);
+    }
+    let mut n = job.file.inflight.lock();
+    *n -= 1;
+    if *n == 0 {
+        job.file.idle.notify_all();
     }
 }
 

@@ -23,9 +23,9 @@ use crate::error::{FsError, Result};
 use crate::inode::{Attr, Time};
 use crate::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
 
-pub use data::{Handle, MAX_FILE_SIZE};
+pub use data::{Handle, ReadBuf, MAX_FILE_SIZE};
 pub use ns::{DirEntry, SetAttr, TimeSet};
-pub use snap::{check_snapshot_name, SnapshotInfo};
+pub use snap::{check_snapshot_name, Rollback, SnapshotInfo};
 pub(crate) use txn::Txn;
 
 pub const ROOT_INO: u64 = 1;
@@ -164,6 +164,16 @@ pub struct Fs {
     sealer: std::sync::OnceLock<Vec<crossbeam_channel::Sender<data::SealJob>>>,
     /// Serializes garbage-collection passes (each reference is dropped once).
     gc_lock: Mutex<()>,
+    /// Background WAL syncs started by snapshots; joined before the engine can close.
+    background: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        for t in self.background.get_mut().drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn counter(eng: &Engine, name: &str) -> Result<Option<u64>> {
@@ -196,6 +206,7 @@ impl Fs {
             },
             sealer: std::sync::OnceLock::new(),
             gc_lock: Mutex::new(()),
+            background: Mutex::new(Vec::new()),
         };
         if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
             let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
@@ -398,11 +409,14 @@ impl Fs {
         if let Some(d) = self.cache.get(id) {
             return Ok(d);
         }
-        let stored = self.eng.get(Cf::Chunks, id)?.ok_or_else(|| {
-            log::error!("chunk {} is referenced but missing", crate::chunk::hex(id));
-            FsError::Corrupt
-        })?;
-        let data = Arc::new(crate::chunk::decode(id, &stored)?);
+        let data = self
+            .eng
+            .with_value(Cf::Chunks, id, |stored| crate::chunk::decode(id, stored))?
+            .ok_or_else(|| {
+                log::error!("chunk {} is referenced but missing", crate::chunk::hex(id));
+                FsError::Corrupt
+            })??;
+        let data = Arc::new(data);
         self.cache.insert(*id, data.clone());
         Ok(data)
     }

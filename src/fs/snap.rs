@@ -82,8 +82,13 @@ impl Fs {
     }
 
     /// Takes a snapshot of the live tree. Every write acknowledged before the call is in it;
-    /// the cost is sealing open buffers plus one synced batch, whatever the amount of data.
-    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+    /// the cost is sealing open buffers plus one batch, whatever the amount of data.
+    ///
+    /// On return the snapshot survives a crash of this process (the batch is in the WAL, in
+    /// the OS page cache). With `durable`, it returns only after the WAL is fsynced, so it also
+    /// survives power loss; otherwise that fsync starts in the background at once, because it
+    /// writes back every unsynced byte a streaming writer produced and can take seconds.
+    pub fn snapshot_create(&self, name: &str, durable: bool) -> Result<SnapshotInfo> {
         check_snapshot_name(name).map_err(|_| FsError::Invalid)?;
         self.write_epoch()?;
         self.seal_open_files()?;
@@ -109,9 +114,25 @@ impl Fs {
             &keys::counter_key("epoch"),
             &(e + 1).to_le_bytes(),
         );
-        self.eng.write(b, true)?;
+        self.eng.write(b, durable)?;
         self.epoch.store(e + 1, Ordering::Release);
         drop(meta);
+        if !durable {
+            let eng = self.eng.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapfs-snapsync".into())
+                .spawn(move || {
+                    if let Err(e) = eng.sync() {
+                        log::error!("background WAL sync after a snapshot failed: {e}");
+                    }
+                });
+            let mut bg = self.background.lock();
+            bg.retain(|t| !t.is_finished());
+            match spawned {
+                Ok(t) => bg.push(t),
+                Err(_) => self.eng.sync()?,
+            }
+        }
         Ok(info)
     }
 
@@ -183,6 +204,7 @@ impl Fs {
             },
             sealer: std::sync::OnceLock::new(),
             gc_lock: Mutex::new(()),
+            background: Mutex::new(Vec::new()),
         }
     }
 
@@ -343,5 +365,108 @@ impl Fs {
             sig.extend_from_slice(&p);
         }
         Ok(sig)
+    }
+}
+
+/// What a rollback changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rollback {
+    pub records_changed: u64,
+    pub snapshots_destroyed: u64,
+}
+
+impl Fs {
+    /// Turns the live tree back to snapshot `name`: every record whose live version differs
+    /// from the snapshot's gets the snapshot's version (or a deletion) at the live epoch.
+    /// O(metadata). Snapshots newer than `name` stay unless `destroy_newer`. Requires that no
+    /// file is open (the daemon must not be serving the store), so no cached state goes stale.
+    pub fn rollback(&self, name: &str, destroy_newer: bool) -> Result<Rollback> {
+        let target = self.snapshot_get(name)?;
+        if !self.open.lock().is_empty() {
+            return Err(FsError::Busy);
+        }
+        let mut out = Rollback::default();
+        if destroy_newer {
+            for s in self.snapshot_list()? {
+                if s.epoch > target.epoch {
+                    let mut b = Batch::new();
+                    self.eng
+                        .delete(&mut b, Cf::Meta, &keys::snapshot_key(s.name.as_bytes()));
+                    self.eng.write(b, true)?;
+                    out.snapshots_destroyed += 1;
+                }
+            }
+        }
+        let gc = self.gc_lock.lock();
+        let mut meta = self.lock_meta();
+        struct Rec {
+            key: Vec<u8>,
+            live: Option<Vec<u8>>,
+            snap: Option<Vec<u8>>,
+            snap_found: bool,
+        }
+        let visible = |v: &[u8]| (v.first() == Some(&TAG_LIVE)).then(|| v.to_vec());
+        let mut changes: Vec<Rec> = Vec::new();
+        let mut cur: Option<Rec> = None;
+        let finish = |c: Option<Rec>, changes: &mut Vec<Rec>| {
+            if let Some(c) = c {
+                if c.live != c.snap {
+                    changes.push(c);
+                }
+            }
+        };
+        for item in self
+            .eng
+            .scan_range(Cf::Meta, &[keys::P_INODE], &[keys::P_XATTR + 1])
+        {
+            let (k, v) = item?;
+            let (rec, e) = keys::split_version(&k);
+            if cur.as_ref().is_none_or(|c| c.key != rec) {
+                finish(cur.take(), &mut changes);
+                // Versions come newest first: the first one is the live version.
+                cur = Some(Rec {
+                    key: rec.to_vec(),
+                    live: visible(&v),
+                    snap: None,
+                    snap_found: false,
+                });
+            }
+            let c = cur.as_mut().expect("set above");
+            if !c.snap_found && e <= target.epoch {
+                c.snap = visible(&v);
+                c.snap_found = true;
+            }
+        }
+        finish(cur.take(), &mut changes);
+        for part in changes.chunks(1024) {
+            let mut txn = Txn::new(self);
+            for c in part {
+                apply_rollback(&mut txn, &c.key, c.snap.as_deref())?;
+                out.records_changed += 1;
+            }
+            txn.commit(&mut meta, false)?;
+        }
+        drop(meta);
+        drop(gc);
+        self.eng.sync()?;
+        self.gc_versions()?;
+        self.collect_garbage()?;
+        Ok(out)
+    }
+}
+
+/// Writes the snapshot's version of one record (tag included; None: absent) at the live epoch.
+fn apply_rollback(txn: &mut Txn<'_>, rec: &[u8], snap: Option<&[u8]>) -> Result<()> {
+    if rec[0] == keys::P_MAP {
+        let ino = keys::be_u64(&rec[1..9]);
+        let idx = keys::map_index(rec);
+        return match snap.and_then(|v| MapEntry::decode(&v[1..])) {
+            Some(m) => txn.put_map(ino, idx, m),
+            None => txn.del_map(ino, idx),
+        };
+    }
+    match snap {
+        Some(v) => txn.put_rec(rec, v),
+        None => txn.del_rec(rec),
     }
 }
