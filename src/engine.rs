@@ -40,6 +40,13 @@ impl Batch {
         }
     }
 
+    /// A batch whose buffer is allocated once (a chunk body would otherwise regrow it).
+    pub fn with_capacity(bytes: usize) -> Batch {
+        Batch {
+            wb: WriteBatch::with_capacity_bytes(bytes),
+        }
+    }
+
     pub fn size_in_bytes(&self) -> usize {
         self.wb.size_in_bytes()
     }

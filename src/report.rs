@@ -180,6 +180,16 @@ pub fn mounts() -> Vec<(PathBuf, String, String)> {
         .collect()
 }
 
+/// The `major:minor` device of the filesystem mounted at `p` (from mountinfo, without
+/// touching the mount itself).
+pub fn mount_device(p: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (PathBuf::from(unescape(f.get(4)?)) == p).then(|| f.get(2).map(|d| d.to_string()))?
+    })
+}
+
 pub fn is_mountpoint(p: &Path) -> bool {
     let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     mounts().iter().any(|(m, _, _)| *m == p)

@@ -294,8 +294,12 @@ impl Fs {
 
     fn commit_job(&self, job: &SealJob) -> Result<()> {
         let prepared = self.prepare_chunk_shared(job.data.clone())?;
+        let body_len = match &prepared.1 {
+            Body::Encoded(e) => e.len(),
+            Body::Raw(_) => 0,
+        };
         let mut meta = self.lock_meta();
-        let mut txn = Txn::new(self);
+        let mut txn = Txn::with_capacity(self, body_len);
         self.add_prepared(&mut txn, job.ino, vec![(job.idx, prepared)])?;
         let mut a = txn.attr(job.ino)?;
         // Sealers may commit out of order across chunks; sizes only shrink through truncate,
@@ -358,8 +362,15 @@ impl Fs {
             };
             prepared.push((*idx, self.prepare_chunk(buf)?));
         }
+        let body_len = prepared
+            .iter()
+            .map(|(_, (_, b))| match b {
+                Body::Encoded(e) => e.len(),
+                Body::Raw(_) => 0,
+            })
+            .sum();
         let mut meta = self.lock_meta();
-        let mut txn = Txn::new(self);
+        let mut txn = Txn::with_capacity(self, body_len);
         self.add_prepared(&mut txn, ino, prepared)?;
         let mut a = txn.attr(ino)?;
         a.size = st.size;

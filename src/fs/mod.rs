@@ -129,6 +129,8 @@ struct OpenEntry {
 /// 128 KiB kernel requests, and must be decompressed and verified only once.
 struct ChunkCache {
     entries: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+    /// Chunks being loaded: waiters block on the inner lock (single flight).
+    loading: Mutex<HashMap<ChunkId, Arc<Mutex<Option<Arc<Vec<u8>>>>>>>,
 }
 
 const CACHE_ENTRIES: usize = 16;
@@ -203,6 +205,7 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             cache: ChunkCache {
                 entries: Mutex::new(VecDeque::new()),
+                loading: Mutex::new(HashMap::new()),
             },
             sealer: std::sync::OnceLock::new(),
             gc_lock: Mutex::new(()),
@@ -409,16 +412,34 @@ impl Fs {
         if let Some(d) = self.cache.get(id) {
             return Ok(d);
         }
-        let data = self
+        // Kernel readahead sends several requests inside one chunk at once: one of them loads
+        // and verifies it, the others wait for that result.
+        let slot = self.cache.loading.lock().entry(*id).or_default().clone();
+        let mut guard = slot.lock();
+        if let Some(d) = guard.as_ref() {
+            return Ok(d.clone());
+        }
+        if let Some(d) = self.cache.get(id) {
+            return Ok(d);
+        }
+        let r = self
             .eng
-            .with_value(Cf::Chunks, id, |stored| crate::chunk::decode(id, stored))?
-            .ok_or_else(|| {
-                log::error!("chunk {} is referenced but missing", crate::chunk::hex(id));
-                FsError::Corrupt
-            })??;
-        let data = Arc::new(data);
-        self.cache.insert(*id, data.clone());
-        Ok(data)
+            .with_value(Cf::Chunks, id, |stored| crate::chunk::decode(id, stored))
+            .and_then(|v| {
+                v.ok_or_else(|| {
+                    log::error!("chunk {} is referenced but missing", crate::chunk::hex(id));
+                    FsError::Corrupt
+                })
+            })
+            .and_then(|r| r)
+            .map(Arc::new);
+        if let Ok(d) = &r {
+            self.cache.insert(*id, d.clone());
+            *guard = Some(d.clone());
+        }
+        drop(guard);
+        self.cache.loading.lock().remove(id);
+        r
     }
 
     /// Seals every open file's buffers and makes everything durable.

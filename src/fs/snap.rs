@@ -201,6 +201,7 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             cache: ChunkCache {
                 entries: Mutex::new(VecDeque::new()),
+                loading: Mutex::new(HashMap::new()),
             },
             sealer: std::sync::OnceLock::new(),
             gc_lock: Mutex::new(()),

@@ -56,9 +56,18 @@ fn encode_ref(count: u64, raw: u32, stored: u32) -> Vec<u8> {
 
 impl<'a> Txn<'a> {
     pub fn new(fs: &'a Fs) -> Txn<'a> {
+        Self::with_capacity(fs, 0)
+    }
+
+    /// A transaction expected to carry about `bytes` of chunk bodies.
+    pub fn with_capacity(fs: &'a Fs, bytes: usize) -> Txn<'a> {
         Txn {
             fs,
-            batch: Batch::new(),
+            batch: if bytes == 0 {
+                Batch::new()
+            } else {
+                Batch::with_capacity(bytes + 4096)
+            },
             attrs: BTreeMap::new(),
             deleted: BTreeSet::new(),
             refs: HashMap::new(),
