@@ -127,10 +127,13 @@ struct OpenEntry {
 
 /// A small cache of verified, decompressed chunks: a 1 MiB chunk is read by several
 /// 128 KiB kernel requests, and must be decompressed and verified only once.
+/// A chunk being loaded by one thread; others wait on the lock for its result.
+type LoadSlot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
+
 struct ChunkCache {
     entries: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
     /// Chunks being loaded: waiters block on the inner lock (single flight).
-    loading: Mutex<HashMap<ChunkId, Arc<Mutex<Option<Arc<Vec<u8>>>>>>>,
+    loading: Mutex<HashMap<ChunkId, LoadSlot>>,
 }
 
 const CACHE_ENTRIES: usize = 16;
