@@ -24,6 +24,12 @@ pub struct StoreStat {
     /// Compressed bytes of unique chunks, as written into the chunk store.
     pub stored_bytes: u64,
     pub chunks: u64,
+    /// Uncompressed bytes of the unique chunks the live tree references.
+    pub live_unique_bytes: u64,
+    /// Uncompressed bytes of unique chunks only snapshots (or the GC queue) still hold:
+    /// roughly what deleting every snapshot would free.
+    pub snapshot_only_bytes: u64,
+    pub snapshots: u64,
     /// Everything under the store directory on disk (RocksDB files, WAL, logs).
     pub disk_bytes: u64,
     /// referenced_bytes / unique_bytes.
@@ -71,8 +77,27 @@ pub fn stat(fs: &Fs, dir: &Path, chunk_size: usize) -> Result<StoreStat, String>
             _ => {}
         }
     }
+    let mut live_ids = std::collections::HashSet::new();
+    let mut live_unique = 0u64;
+    for (_, p) in fs
+        .scan_recs(&[keys::P_MAP])
+        .map_err(|e| format!("cannot scan chunk maps: {e}"))?
+    {
+        if let Some(m) = keys::MapEntry::decode(&p) {
+            if live_ids.insert(m.id) {
+                live_unique += m.len as u64;
+            }
+        }
+    }
+    let snapshots = fs
+        .snapshot_list()
+        .map_err(|e| format!("cannot list snapshots: {e}"))?
+        .len() as u64;
     let c = fs.counters();
     Ok(StoreStat {
+        live_unique_bytes: live_unique,
+        snapshot_only_bytes: c.unique_bytes.saturating_sub(live_unique),
+        snapshots,
         store: dir.display().to_string(),
         format_version: crate::store::FORMAT_VERSION,
         chunk_size: chunk_size as u64,
@@ -117,6 +142,9 @@ impl StoreStat {
              unique bytes:      {} ({})\n\
              stored bytes:      {} ({})\n\
              chunks:            {}\n\
+             snapshots:         {}\n\
+             live unique bytes: {} ({})\n\
+             held by snapshots: {} ({})\n\
              disk usage:        {} ({})\n\
              dedup ratio:       {:.2}x\n\
              compression ratio: {:.2}x\n",
@@ -134,6 +162,11 @@ impl StoreStat {
             self.stored_bytes,
             human(self.stored_bytes),
             self.chunks,
+            self.snapshots,
+            self.live_unique_bytes,
+            human(self.live_unique_bytes),
+            self.snapshot_only_bytes,
+            human(self.snapshot_only_bytes),
             self.disk_bytes,
             human(self.disk_bytes),
             self.dedup_ratio,

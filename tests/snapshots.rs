@@ -359,3 +359,37 @@ fn every_modifying_call_on_a_snapshot_is_erofs() {
     ok(&["umount", s(&smnt)]);
     m.stop();
 }
+
+#[test]
+fn automatic_snapshots_follow_the_retention_policy() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let m = Mount::start_with(
+        &store,
+        &t.path().join("mnt"),
+        &["--snapshot-every", "1s", "--keep-last", "2"],
+    );
+    let mut rng = Rng::from_env_or_time();
+    for i in 0..4 {
+        fs::write(m.path("f"), rng.bytes(2 << 20)).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let _ = i;
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["snapshot", "list", s(&m.mnt), "--json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.is_empty(), "no automatic snapshot was taken");
+    assert!(names.len() <= 3, "retention kept {names:?}");
+    assert!(names.iter().all(|n| n.starts_with("auto-")), "{names:?}");
+    // Overwritten data held only by snapshots shows in stat.
+    let st: serde_json::Value = serde_json::from_str(&ok(&["stat", s(&m.mnt), "--json"])).unwrap();
+    assert_eq!(st["snapshots"].as_u64().unwrap() as usize, names.len());
+    assert!(st["snapshot_only_bytes"].as_u64().unwrap() > 0, "{st}");
+    m.stop();
+}

@@ -199,21 +199,13 @@ impl Fs {
             stored_bytes: counter(&eng, "stored_bytes")?.unwrap_or(0),
             referenced_bytes: counter(&eng, "referenced_bytes")?.unwrap_or(0),
         };
-        let fs = Fs {
-            eng: Arc::new(eng),
+        let fs = Fs::assemble(
+            Arc::new(eng),
             chunk_size,
-            epoch: AtomicU64::new(epoch),
-            view: None,
-            meta: Mutex::new(MetaState { next_ino, counters }),
-            open: Mutex::new(HashMap::new()),
-            cache: ChunkCache {
-                entries: Mutex::new(VecDeque::new()),
-                loading: Mutex::new(HashMap::new()),
-            },
-            sealer: std::sync::OnceLock::new(),
-            gc_lock: Mutex::new(()),
-            background: Mutex::new(Vec::new()),
-        };
+            epoch,
+            None,
+            MetaState { next_ino, counters },
+        );
         if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
             let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
             root.uid = creator.uid;
@@ -226,6 +218,40 @@ impl Fs {
         }
         fs.clean_orphans()?;
         Ok(fs)
+    }
+
+    /// The one place that lists every field: the live instance and views both come here.
+    fn assemble(
+        eng: Arc<Engine>,
+        chunk_size: usize,
+        epoch: u64,
+        view: Option<u64>,
+        meta: MetaState,
+    ) -> Fs {
+        Fs {
+            eng,
+            chunk_size,
+            epoch: AtomicU64::new(epoch),
+            view,
+            meta: Mutex::new(meta),
+            open: Mutex::new(HashMap::new()),
+            cache: ChunkCache {
+                entries: Mutex::new(VecDeque::new()),
+                loading: Mutex::new(HashMap::new()),
+            },
+            sealer: std::sync::OnceLock::new(),
+            gc_lock: Mutex::new(()),
+            background: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A read-only view of the tree at `epoch`, sharing the engine.
+    pub fn view(&self, epoch: u64) -> Fs {
+        let meta = MetaState {
+            next_ino: 0,
+            counters: Counters::default(),
+        };
+        Fs::assemble(self.eng.clone(), self.chunk_size, epoch, Some(epoch), meta)
     }
 
     /// The epoch reads see.

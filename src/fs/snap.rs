@@ -6,10 +6,9 @@
 //! (or infinity). The retained views are the epochs of the existing snapshots and the live
 //! epoch. A version whose interval holds no retained view is garbage.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
-use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::engine::{Batch, Cf};
@@ -17,7 +16,7 @@ use crate::error::{FsError, Result};
 use crate::inode::{Attr, Kind, Time};
 use crate::keys::{self, ChunkId, MapEntry, TAG_LIVE};
 
-use super::{ChunkCache, Counters, Fs, MetaState, Txn};
+use super::{Fs, Txn};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SnapshotInfo {
@@ -185,28 +184,6 @@ impl Fs {
         let mut r = self.gc_versions()?;
         r.chunks_freed = self.collect_garbage()?;
         Ok(r)
-    }
-
-    /// A read-only view of the tree at `epoch`, sharing the engine.
-    pub fn view(&self, epoch: u64) -> Fs {
-        Fs {
-            eng: self.eng.clone(),
-            chunk_size: self.chunk_size,
-            epoch: AtomicU64::new(epoch),
-            view: Some(epoch),
-            meta: Mutex::new(MetaState {
-                next_ino: 0,
-                counters: Counters::default(),
-            }),
-            open: Mutex::new(HashMap::new()),
-            cache: ChunkCache {
-                entries: Mutex::new(VecDeque::new()),
-                loading: Mutex::new(HashMap::new()),
-            },
-            sealer: std::sync::OnceLock::new(),
-            gc_lock: Mutex::new(()),
-            background: Mutex::new(Vec::new()),
-        }
     }
 
     /// The epochs some view may still read at: every snapshot's, and the live one.
