@@ -473,6 +473,12 @@ impl Fs {
 
     /// Seals every open file's buffers and makes everything durable.
     pub fn sync_all(&self) -> Result<()> {
+        self.seal_open_files()?;
+        self.eng.sync()
+    }
+
+    /// Seals the buffers of every open file (not synced).
+    pub(crate) fn seal_open_files(&self) -> Result<()> {
         let files: Vec<(u64, Arc<OpenFile>)> = self
             .open
             .lock()
@@ -482,7 +488,7 @@ impl Fs {
         for (ino, f) in files {
             self.seal_all(ino, &f)?;
         }
-        self.eng.sync()
+        Ok(())
     }
 
     /// Makes every metadata change applied so far durable (fsyncdir).

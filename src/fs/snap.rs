@@ -135,20 +135,6 @@ impl Fs {
         Ok(info)
     }
 
-    /// Seals the buffers of every open file (not synced).
-    fn seal_open_files(&self) -> Result<()> {
-        let files: Vec<_> = self
-            .open
-            .lock()
-            .iter()
-            .map(|(k, e)| (*k, e.file.clone()))
-            .collect();
-        for (ino, f) in files {
-            self.seal_all(ino, &f)?;
-        }
-        Ok(())
-    }
-
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
         let mut out: Vec<SnapshotInfo> = self
             .eng
