@@ -21,8 +21,10 @@ use snapfs::views::Views;
     about = "A snapshotting FUSE filesystem for training data"
 )]
 struct Cli {
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, global = true, default_value = "info")]
+    /// Log filter (env_logger syntax): error, warn, info, debug, trace, or per module, e.g.
+    /// "debug,fuser=info". fuser's own messages are shown from error level by default (it
+    /// warns about an unmount that the kernel already did).
+    #[arg(long, global = true, default_value = "info,fuser=error")]
     log_level: String,
     #[command(subcommand)]
     cmd: Cmd,
