@@ -103,6 +103,9 @@ RUNNER_PID=
 # shellcheck disable=SC2317  # invoked via trap
 on_exit() {
     local rc=$?
+    if [[ -n ${restore_map_count:-} ]]; then
+        echo "$restore_map_count" >/proc/sys/vm/max_map_count || true
+    fi
     trap - EXIT INT TERM
     if [[ -n ${RUNNER_PID:-} ]]; then
         # Interrupted mid-run: stop the test tool (timeout forwards TERM).
@@ -222,6 +225,16 @@ echo "ops:     $ops   seed: $seed   (reproduce: tools/fsx.sh -N $ops -S $seed${t
 echo "enabled: $enabled"
 echo "logs:    $WORK  (fsx output: $LOG, config: $CONFIG)"
 echo "running fsx (timeout ${run_timeout}s)..."
+
+# fsx 0.3.2's mapread never munmaps (src/main.rs, domapread), so the fsx process leaks one
+# mapping per mapread and dies with ENOMEM at vm.max_map_count (65530) in runs of about 900,000
+# ops. For long runs, raise the limit for the duration of the run (as root) and restore it.
+old_map_count=$(cat /proc/sys/vm/max_map_count 2>/dev/null || echo 0)
+if ((ops > old_map_count)) && [[ -w /proc/sys/vm/max_map_count ]]; then
+    echo "raising vm.max_map_count from $old_map_count to $((ops + 65536)) for this run (fsx leaks mappings)"
+    echo $((ops + 65536)) >/proc/sys/vm/max_map_count
+    restore_map_count=$old_map_count
+fi
 
 # ---------------------------------------------------------------- run
 start=$SECONDS
