@@ -46,6 +46,10 @@ pub enum Request {
         dest: PathBuf,
         path: Option<String>,
     },
+    Check {
+        #[serde(default)]
+        verify_data: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -59,6 +63,8 @@ pub struct Response {
     pub snapshots: Option<Vec<SnapshotRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<Vec<ops::DiffEntry>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::fs::CheckReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// An intermediate progress line (the final line has none).

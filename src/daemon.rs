@@ -38,6 +38,15 @@ fn start_gc(fs: std::sync::Weak<Fs>) {
         .spawn(move || loop {
             std::thread::sleep(std::time::Duration::from_secs(60));
             let Some(fs) = fs.upgrade() else { return };
+            match fs.run_pending_gc() {
+                Ok(Some(r)) => log::info!(
+                    "deferred version GC (views of deleted snapshots closed): {} versions, {} chunks",
+                    r.versions_deleted,
+                    r.chunks_freed
+                ),
+                Ok(None) => {}
+                Err(e) => log::error!("deferred version GC failed: {e}"),
+            }
             match fs.collect_garbage() {
                 Ok(0) => {}
                 Ok(n) => log::info!("garbage collection freed {n} chunks"),
@@ -188,12 +197,12 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     let root: Arc<Fs> = match &a.snapshot {
         None => store.fs.clone(),
         Some(name) => {
-            let s = store
+            let view = store
                 .fs
-                .snapshot_get(name)
+                .snapshot_view(name)
                 .map_err(|_| format!("no snapshot named {name:?} in {}", store.dir.display()))?;
             views.mark_mounted(name, true);
-            Arc::new(store.fs.view(s.epoch))
+            Arc::new(view)
         }
     };
     let ctx = Arc::new(Ctx {
@@ -260,11 +269,11 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
 pub fn mount_snapshot(ctx: &Ctx, name: &str, mountpoint: &Path) -> Result<String, String> {
     crate::fs::check_snapshot_name(name)?;
     let mnt = check_mountpoint(mountpoint)?;
-    let s = ctx
-        .fs
-        .snapshot_get(name)
-        .map_err(|_| format!("no snapshot named {name:?}"))?;
-    let view = Arc::new(ctx.fs.view(s.epoch));
+    let view = Arc::new(
+        ctx.fs
+            .snapshot_view(name)
+            .map_err(|_| format!("no snapshot named {name:?}"))?,
+    );
     let fs = FuseFs::new(view, ctx.views.clone(), &ctx.store_dir, false);
     let config = config(&ctx.store_dir, false, 2, true);
     let session = fuser::spawn_mount(fs, &mnt, &config)

@@ -507,12 +507,17 @@ impl Filesystem for FuseFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.views.is_barrier_thread(u64::from(req.pid())) {
+            // The snapshot's writeback barrier: the kernel has written back the file's dirty
+            // pages and waited for our answers before sending this; the snapshot seals.
+            return reply.ok();
+        }
         reply_empty(reply, self.handle(fh).and_then(|(fs, h)| fs.fsync(&h)));
     }
 

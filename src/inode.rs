@@ -76,10 +76,24 @@ impl Time {
                 nanos: d.subsec_nanos(),
             },
             Err(e) => {
+                // Before 1970. Saturates at i64::MIN seconds: a caller's extreme time (any
+                // file owner may set one) must never overflow.
                 let d = e.duration();
-                let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
+                let Some(mut secs) = i64::try_from(d.as_secs()).ok().map(|s| -s) else {
+                    return Time {
+                        secs: i64::MIN,
+                        nanos: 0,
+                    };
+                };
+                let mut nanos = d.subsec_nanos();
                 if nanos > 0 {
-                    secs -= 1;
+                    let Some(s) = secs.checked_sub(1) else {
+                        return Time {
+                            secs: i64::MIN,
+                            nanos: 0,
+                        };
+                    };
+                    secs = s;
                     nanos = 1_000_000_000 - nanos;
                 }
                 Time { secs, nanos }
@@ -89,10 +103,10 @@ impl Time {
 
     pub fn to_system(self) -> SystemTime {
         if self.secs >= 0 {
-            UNIX_EPOCH + std::time::Duration::new(self.secs as u64, self.nanos)
+            UNIX_EPOCH + std::time::Duration::new(self.secs as u64, self.nanos.min(999_999_999))
         } else {
             UNIX_EPOCH - std::time::Duration::from_secs(self.secs.unsigned_abs())
-                + std::time::Duration::from_nanos(self.nanos as u64)
+                + std::time::Duration::from_nanos(self.nanos.min(999_999_999) as u64)
         }
     }
 }

@@ -114,6 +114,17 @@ enum Cmd {
         #[arg(long)]
         destroy_newer: bool,
     },
+    /// Walk the store: refcounts against the chunk-map versions naming each chunk, chunk
+    /// bodies, space counters, and directory entries at every snapshot and the live tree.
+    /// Exit status 1 if anything is inconsistent.
+    Check {
+        target: PathBuf,
+        /// Also read, decompress and hash every chunk body.
+        #[arg(long)]
+        verify_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Export a snapshot (or one path of it) to a plain directory.
     Restore {
         target: PathBuf,
@@ -315,6 +326,32 @@ fn stat(target: &Path, as_json: bool) -> Result<(), String> {
     Ok(())
 }
 
+fn check(target: &Path, verify_data: bool, as_json: bool) -> Result<(), String> {
+    let r = checked(run(target, Request::Check { verify_data })?)?
+        .check
+        .ok_or("no report in the answer")?;
+    if as_json {
+        json(&r)?;
+    } else {
+        println!(
+            "checked {} chunks ({} bodies verified), {} references, {} directory entries at {} epochs",
+            r.chunks, r.chunks_verified, r.references, r.entries_checked, r.epochs_checked
+        );
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+    }
+    match r.problem_count {
+        0 => {
+            if !as_json {
+                println!("no problems found");
+            }
+            Ok(())
+        }
+        n => Err(format!("{n} problems found")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
@@ -345,6 +382,11 @@ fn main() -> ExitCode {
         }),
         Cmd::Umount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Stat { target, json } => stat(&target, json),
+        Cmd::Check {
+            target,
+            verify_data,
+            json,
+        } => check(&target, verify_data, json),
         Cmd::Snapshot(c) => snapshot_cmd(c),
         Cmd::Rollback {
             target,

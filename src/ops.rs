@@ -83,8 +83,7 @@ pub fn snapshot_create(ctx: &Ctx, name: &str, durable: bool) -> Result<String, S
     check_snapshot_name(name)?;
     let t = Instant::now();
     if let Some(m) = &ctx.mountpoint {
-        // Dirty pages of mmap writers live in the kernel until written back to us.
-        crate::sys::syncfs(m).map_err(|e| format!("syncfs {} failed: {e}", m.display()))?;
+        writeback_barrier(ctx, m)?;
     }
     let info = ctx.fs.snapshot_create(name, durable).map_err(|e| match e {
         FsError::Exists => format!("snapshot {name:?} already exists"),
@@ -96,6 +95,45 @@ pub fn snapshot_create(ctx: &Ctx, name: &str, durable: bool) -> Result<String, S
         info.epoch,
         t.elapsed().as_secs_f64() * 1000.0
     ))
+}
+
+/// Brings every page dirtied through a shared mmap before this call into the daemon: those
+/// live in the kernel's page cache until written back, and syncfs(2) on a FUSE mount returns
+/// before the WRITEs reach us (Linux 6.x). fsync(2) of each open file does wait for them
+/// (see `sys::fsync_fuse_inode`); the FSYNC that follows it is answered without a WAL sync
+/// (`Views::is_barrier_thread`), because the snapshot seals everything anyway.
+fn writeback_barrier(ctx: &Ctx, m: &std::path::Path) -> Result<(), String> {
+    let open = ctx.fs.open_inodes();
+    if open.is_empty() {
+        return Ok(());
+    }
+    let root = std::fs::File::open(m)
+        .map_err(|e| format!("cannot open mountpoint {}: {e}", m.display()))?;
+    let tid = crate::sys::gettid();
+    ctx.views.barrier_thread(tid, true);
+    let mut r = Ok(());
+    for ino in open {
+        if let Err(e) = crate::sys::fsync_fuse_inode(&root, ino) {
+            r = Err(e);
+            break;
+        }
+    }
+    ctx.views.barrier_thread(tid, false);
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // Without CAP_DAC_READ_SEARCH (a daemon not run as root): the best the kernel
+            // offers is syncfs, which does not wait. docs/snapshots.md: msync first.
+            log::warn!(
+                "cannot open files by handle ({e}); pages dirtied through mmap and not yet \
+                 msync'd may be missing from this snapshot"
+            );
+            crate::sys::syncfs(m).map_err(|e| format!("syncfs {} failed: {e}", m.display()))
+        }
+        Err(e) => Err(format!(
+            "cannot write back the kernel's dirty pages before the snapshot: {e}"
+        )),
+    }
 }
 
 pub fn snapshot_rows(ctx: &Ctx) -> Result<Vec<SnapshotRow>, String> {
@@ -137,13 +175,20 @@ pub fn snapshot_delete(ctx: &Ctx, name: &str) -> Result<String, String> {
             at.join(", ")
         ));
     }
+    // Drop the cached `.snapshots/NAME` view first, so that only views still in use (open
+    // files, restores, diffs) hold the snapshot's versions back from this GC pass.
+    ctx.views.forget(name);
     let r = ctx.fs.snapshot_delete(name).map_err(|e| match e {
         FsError::NotFound => format!("no snapshot named {name:?}"),
         e => fs_err("cannot delete the snapshot", e),
     })?;
     ctx.views.forget(name);
+    let held = match ctx.fs.orphan_pins() {
+        Ok(0) | Err(_) => String::new(),
+        Ok(_) => "; versions still read by open files, restores or diffs of it are kept until they finish, then freed by the background GC".into(),
+    };
     Ok(format!(
-        "deleted snapshot {name} ({} old versions and {} chunks freed)",
+        "deleted snapshot {name} ({} old versions and {} chunks freed{held})",
         r.versions_deleted, r.chunks_freed
     ))
 }
@@ -208,11 +253,10 @@ fn kind_name(k: Kind) -> &'static str {
 /// A rename shows as a removal and an addition.
 pub fn snapshot_diff(ctx: &Ctx, a: &str, b: Option<&str>) -> Result<Vec<DiffEntry>, String> {
     let view = |name: &str| -> Result<Fs, String> {
-        let s = ctx.fs.snapshot_get(name).map_err(|e| match e {
+        ctx.fs.snapshot_view(name).map_err(|e| match e {
             FsError::NotFound => format!("no snapshot named {name:?}"),
             e => fs_err("cannot read snapshot", e),
-        })?;
-        Ok(ctx.fs.view(s.epoch))
+        })
     };
     let old = walk(&view(a)?).map_err(|e| fs_err("cannot walk snapshot", e))?;
     let new = match b {
@@ -256,11 +300,12 @@ pub fn restore(
     path: Option<&str>,
     progress: &mut dyn FnMut(String),
 ) -> Result<String, String> {
-    let s = ctx.fs.snapshot_get(name).map_err(|e| match e {
+    // The view pins the snapshot's epoch: deleting the snapshot meanwhile (by hand or by a
+    // retention prune) cannot change a byte this restore reads.
+    let view = ctx.fs.snapshot_view(name).map_err(|e| match e {
         FsError::NotFound => format!("no snapshot named {name:?}"),
         e => fs_err("cannot read snapshot", e),
     })?;
-    let view = ctx.fs.view(s.epoch);
     let t = Instant::now();
     let st = crate::restore::restore(&view, path, dest, progress)?;
     let secs = t.elapsed().as_secs_f64();
@@ -360,6 +405,14 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Resp
         Request::Restore { name, dest, path } => {
             msg(restore(ctx, &name, &dest, path.as_deref(), progress))
         }
+        Request::Check { verify_data } => match ctx.fs.check(verify_data) {
+            Ok(r) => Response {
+                ok: true,
+                check: Some(r),
+                ..Default::default()
+            },
+            Err(e) => Response::fail(fs_err("the check could not read the store", e)),
+        },
     }
 }
 

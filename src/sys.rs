@@ -172,3 +172,50 @@ pub fn lsetxattr(p: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The thread id of the caller (what FUSE puts in a request's `pid` field).
+pub fn gettid() -> u64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() as u64 }
+}
+
+/// Opens the live inode `nodeid` of the FUSE mount whose root is `mount` by its file handle
+/// (the kernel's FUSE handle: node id in two 32-bit halves, generation 0, type 0x81), and
+/// fsyncs it. For FUSE, fsync(2) first writes back the inode's dirty page-cache pages (mmap
+/// writes) and waits until the daemon has answered every WRITE: unlike syncfs(2), which on
+/// this kernel returns before those WRITEs reach the daemon. Needs CAP_DAC_READ_SEARCH; the
+/// kernel finds the inode in its cache (an open file always is), so no export support is
+/// needed. `Ok(false)`: the kernel no longer knows the inode (nothing to write back).
+pub fn fsync_fuse_inode(mount: &File, nodeid: u64) -> io::Result<bool> {
+    #[repr(C)]
+    struct FuseHandle {
+        handle_bytes: libc::c_uint,
+        handle_type: libc::c_int,
+        f_handle: [u32; 3],
+    }
+    let mut h = FuseHandle {
+        handle_bytes: 12,
+        handle_type: 0x81,
+        f_handle: [(nodeid >> 32) as u32, nodeid as u32, 0],
+    };
+    // SAFETY: `h` has the layout of `struct file_handle` followed by 12 handle bytes, as
+    // `handle_bytes` says; the kernel only reads it. The descriptor is owned and closed below.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&mut h as *mut FuseHandle).cast::<libc::file_handle>(),
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESTALE) | Some(libc::ENOENT) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: `fd` was just returned by open_by_handle_at and is owned here.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.sync_all()?;
+    Ok(true)
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{FsError, Result};
-use crate::fs::{Fs, SnapshotInfo, ROOT_INO};
+use crate::fs::{Fs, ROOT_INO};
 use crate::inode::{Attr, Kind};
 
 pub const SLOT_SHIFT: u32 = 48;
@@ -41,6 +41,9 @@ pub struct Views {
     next: Mutex<u16>,
     /// Snapshots mounted on their own mountpoint (`mount --snapshot`): name -> mount count.
     mounted: Mutex<HashMap<String, usize>>,
+    /// Threads running the snapshot's writeback barrier (`ops::writeback_barrier`): their
+    /// FSYNCs only wait for the kernel's WRITEs, which the kernel did before sending them.
+    barrier_threads: Mutex<Vec<u64>>,
 }
 
 impl Views {
@@ -50,7 +53,21 @@ impl Views {
             slots: Mutex::new(HashMap::new()),
             next: Mutex::new(1),
             mounted: Mutex::new(HashMap::new()),
+            barrier_threads: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn barrier_thread(&self, tid: u64, running: bool) {
+        let mut t = self.barrier_threads.lock();
+        if running {
+            t.push(tid);
+        } else {
+            t.retain(|x| *x != tid);
+        }
+    }
+
+    pub fn is_barrier_thread(&self, tid: u64) -> bool {
+        self.barrier_threads.lock().contains(&tid)
     }
 
     pub fn live(&self) -> &Arc<Fs> {
@@ -59,11 +76,14 @@ impl Views {
 
     /// The slot of a snapshot's view, opening the view on first use.
     pub fn slot_of(&self, name: &str) -> Result<u16> {
-        let info: SnapshotInfo = self.live.snapshot_get(name)?;
         let mut slots = self.slots.lock();
         if let Some((slot, _)) = slots.iter().find(|(_, v)| v.name == name) {
             return Ok(*slot);
         }
+        // Pinned: a file opened through this view reads the snapshot's bytes even if the
+        // snapshot is deleted while it is open (the view then leaves `slots`, the open
+        // handles keep it).
+        let view = self.live.snapshot_view(name)?;
         let mut next = self.next.lock();
         let mut slot = *next;
         while slots.contains_key(&slot) || slot == 0 || slot == SNAPDIR_SLOT {
@@ -77,7 +97,7 @@ impl Views {
             slot,
             View {
                 name: name.to_string(),
-                fs: Arc::new(self.live.view(info.epoch)),
+                fs: Arc::new(view),
             },
         );
         Ok(slot)

@@ -2,6 +2,10 @@
 //! snapshot / delete-snapshot / rollback / remount against an in-memory model. After every step the live
 //! tree, and every surviving snapshot, must read back exactly what the model says.
 //!
+//! A background thread runs version GC and chunk GC concurrently with every step (stopped only
+//! around a remount), and every 25 steps the store's refcounts are checked against its
+//! references (`Fs::check`).
+//!
 //! SNAPFS_MODEL_STEPS sets the steps per seed (default 400); SNAPFS_TEST_SEED replays a seed.
 
 mod common;
@@ -81,10 +85,49 @@ fn pick<'a>(rng: &mut Rng, items: &'a [&'a str]) -> &'a str {
 const DIRS: [&str; 4] = ["", "a", "b", "a/c"];
 const NAMES: [&str; 4] = ["x", "y", "z", "w"];
 
+/// Version GC and chunk GC in a loop on another thread, as the daemon's snapshot deletes,
+/// retention and background GC run beside writers.
+struct BackgroundGc {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl BackgroundGc {
+    fn start(fs: std::sync::Arc<Fs>) -> BackgroundGc {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut passes = 0;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                fs.gc_versions().unwrap();
+                fs.collect_garbage().unwrap();
+                passes += 1;
+                std::thread::yield_now();
+            }
+            passes
+        });
+        BackgroundGc {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("background GC panicked")
+    }
+}
+
 fn run_seed(rng: &mut Rng, steps: usize) {
     let t = tempfile::tempdir().unwrap();
     let cs = 4096usize;
     let mut store = Some(Store::open(t.path(), true, Some(cs)).unwrap());
+    let mut gc = Some(BackgroundGc::start(store.as_ref().unwrap().fs.clone()));
+    let mut gc_passes = 0;
     let mut model = Model::new();
     let mut snaps: BTreeMap<String, Model> = BTreeMap::new();
     let mut snap_counter = 0;
@@ -259,6 +302,7 @@ fn run_seed(rng: &mut Rng, steps: usize) {
             }
             _ => {
                 let clean = rng.below(2) == 0;
+                gc_passes += gc.take().unwrap().stop();
                 let s = store.take().unwrap();
                 if clean {
                     s.fs.shutdown().unwrap();
@@ -266,6 +310,7 @@ fn run_seed(rng: &mut Rng, steps: usize) {
                 drop(fs);
                 drop(s);
                 store = Some(Store::open(t.path(), true, None).unwrap());
+                gc = Some(BackgroundGc::start(store.as_ref().unwrap().fs.clone()));
                 what = format!("remount (clean: {clean})");
             }
         }
@@ -296,7 +341,17 @@ fn run_seed(rng: &mut Rng, steps: usize) {
                 info.name
             );
         }
+        if step % 25 == 24 {
+            let r = fs.check(false).unwrap();
+            assert!(
+                r.problems.is_empty(),
+                "after step {step} ({what}): {:#?}",
+                r.problems
+            );
+        }
     }
+    gc_passes += gc.take().unwrap().stop();
+    eprintln!("{gc_passes} concurrent GC passes");
     // Deleting every snapshot and every file returns the store to (almost) nothing.
     let fs = store.as_ref().unwrap().fs.clone();
     for s in fs.snapshot_list().unwrap() {
@@ -314,6 +369,8 @@ fn run_seed(rng: &mut Rng, steps: usize) {
     fs.collect_garbage().unwrap();
     let c = fs.counters();
     assert_eq!((c.chunks, c.referenced_bytes), (0, 0), "{c:?}");
+    let r = fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "at the end: {:#?}", r.problems);
 }
 
 #[test]

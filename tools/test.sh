@@ -13,9 +13,13 @@ step() { printf '\n==== %s\n' "$*"; }
 step "format";  cargo fmt --check
 step "build";   cargo build --release --locked --all-targets
 step "clippy";  cargo clippy --release --locked --all-targets -- -D warnings
+step "clippy (with failpoints)"
+cargo clippy --release --locked --all-targets --features failpoints -- -D warnings
 logs=$(mktemp -d)
-step "cargo test (core, model, mount, snapshot and kill -9 crash tests)"
+step "cargo test (core, model, stress, hostile-input, mount, snapshot and kill -9 crash tests)"
 cargo test --release --locked 2>&1 | tee "$logs/cargo-test.log"
+step "cargo test: deterministic interleavings through failpoints"
+cargo test --release --locked --features failpoints --test interleavings 2>&1 | tee -a "$logs/cargo-test.log"
 step "pjdfstest against a live mount"
 "$here/pjdfstest.sh" 2>&1 | tee "$logs/pjdfstest.log"
 step "fsx against a live mount"

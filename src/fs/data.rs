@@ -43,6 +43,9 @@ pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 /// Unsealed bytes one file may hold before all its buffers are sealed.
 const MAX_DIRTY_PER_FILE: usize = 64 << 20;
 
+/// The most one copy_file_range request copies (`copy_range`).
+const COPY_MAX: u64 = 64 << 20;
+
 pub const FALLOC_KEEP_SIZE: i32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: i32 = 0x02;
 
@@ -178,26 +181,26 @@ impl Fs {
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
         h.file.check_error()?;
+        // Held for the whole call: a snapshot sees this write wholly or not at all.
+        let _barrier = self.barrier.read();
         let mut st = h.file.state.write();
-        let cs = self.chunk_size as u64;
+        // First load every chunk this write only partly covers, so that a failed load (a
+        // corrupt or unreadable chunk) returns before any buffer or the size has changed.
+        for (idx, within, _, n) in chunk_spans(offset, data.len(), self.chunk_size) {
+            // A chunk the write covers whole needs no old bytes; it gets its buffer below.
+            let whole = within == 0 && n == self.chunk_size;
+            if !whole && !st.buffers.contains_key(&idx) {
+                let initial = self.current_chunk(h.ino, &h.file, idx)?;
+                st.buffers.insert(idx, initial);
+            }
+        }
         let mut full = Vec::new();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let off = offset + pos as u64;
-            let idx = off / cs;
-            let within = (off % cs) as usize;
-            let n = (self.chunk_size - within).min(data.len() - pos);
-            let buf = match st.buffers.entry(idx) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    let initial = if within == 0 && n == self.chunk_size {
-                        Vec::with_capacity(self.chunk_size)
-                    } else {
-                        self.current_chunk(h.ino, &h.file, idx)?
-                    };
-                    e.insert(initial)
-                }
-            };
+        for (idx, within, pos, n) in chunk_spans(offset, data.len(), self.chunk_size) {
+            let cs_len = self.chunk_size;
+            let buf = st
+                .buffers
+                .entry(idx)
+                .or_insert_with(|| Vec::with_capacity(cs_len));
             if buf.len() < within {
                 buf.resize(within, 0);
             }
@@ -207,7 +210,6 @@ impl Fs {
             if buf.len() == self.chunk_size {
                 full.push(idx);
             }
-            pos += n;
         }
         st.size = st.size.max(end);
         st.times_dirty = Some(Time::now());
@@ -240,12 +242,15 @@ impl Fs {
             let data = Arc::new(buf);
             h.file.sealing.lock().insert(*idx, data.clone());
             *h.file.inflight.lock() += 1;
+            // The size this chunk makes good: never past its own end, so a committed size
+            // never covers bytes still in a buffer (they would read as zeros after a crash).
+            let chunk_end = (*idx + 1).saturating_mul(self.chunk_size as u64);
             let job = SealJob {
                 ino: h.ino,
                 file: h.file.clone(),
                 idx: *idx,
                 data,
-                size: st.size,
+                size: st.size.min(chunk_end),
                 time,
             };
             let q =
@@ -518,10 +523,53 @@ impl Fs {
         }
     }
 
+    /// Zeroes `[offset, end)`: chunks wholly inside become holes in one batch (O(mapped
+    /// chunks), whatever the length: a caller may punch 2^63 bytes), the partial chunks at
+    /// the two edges are written with zeros.
     fn punch_hole(&self, h: &Handle, offset: u64, end: u64) -> Result<()> {
         let size = h.file.state.read().size;
         let end = end.min(size);
-        let mut pos = offset;
+        if offset >= end {
+            return Ok(());
+        }
+        let cs = self.chunk_size as u64;
+        let first_full = offset.div_ceil(cs);
+        let end_full = end / cs;
+        if first_full >= end_full {
+            return self.write_zeros(h, offset, end);
+        }
+        self.write_zeros(h, offset, first_full * cs)?;
+        self.write_zeros(h, end_full * cs, end)?;
+        let mut st = h.file.state.write();
+        h.file.wait_sealed()?;
+        st.buffers
+            .retain(|idx, _| *idx < first_full || *idx >= end_full);
+        let now = Time::now();
+        let mut meta = self.lock_meta();
+        let mut txn = Txn::new(self);
+        let mapped: Vec<u64> = self
+            .scan_recs_from(
+                &keys::map_prefix(h.ino),
+                &keys::map_rec(h.ino, first_full),
+                usize::MAX,
+            )?
+            .iter()
+            .map(|(rec, _)| keys::map_index(rec))
+            .take_while(|idx| *idx < end_full)
+            .collect();
+        for idx in mapped {
+            txn.del_map(h.ino, idx)?;
+        }
+        // The size is untouched (KEEP_SIZE); deleting entries never breaks I8.
+        let mut a = txn.attr(h.ino)?;
+        a.mtime = now;
+        a.ctime = now;
+        st.times_dirty = None;
+        txn.put_attr(a);
+        txn.commit(&mut meta, false)
+    }
+
+    fn write_zeros(&self, h: &Handle, mut pos: u64, end: u64) -> Result<()> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         while pos < end {
             let n = (end - pos).min(ZEROS.len() as u64) as usize;
@@ -540,6 +588,9 @@ impl Fs {
         dst_off: u64,
         len: u64,
     ) -> Result<u64> {
+        // One request copies at most COPY_MAX bytes: copy_file_range(2) may return a short
+        // count and callers loop, so one request cannot keep a worker busy for minutes.
+        let len = len.min(COPY_MAX);
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(self.chunk_size as u64) as u32;
@@ -571,6 +622,28 @@ fn finish_job(job: &SealJob, r: Result<()>) {
     if *n == 0 {
         job.file.idle.notify_all();
     }
+}
+
+/// The pieces of a write of `len` bytes at `offset`, one per chunk: (chunk index, offset
+/// within the chunk, offset within the data, length).
+fn chunk_spans(
+    offset: u64,
+    len: usize,
+    chunk_size: usize,
+) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let cs = chunk_size as u64;
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let off = offset + pos as u64;
+        let within = (off % cs) as usize;
+        let n = (chunk_size - within).min(len - pos);
+        let span = (off / cs, within, pos, n);
+        pos += n;
+        Some(span)
+    })
 }
 
 /// Appends `n` bytes of `src` from `within`, reading past the end of `src` as zeros.

@@ -7,13 +7,14 @@
 //! locks). Full chunks are hashed, compressed and committed by background sealer threads
 //! (one chunk index always on the same thread, so in order) while the writer goes on; partial chunks are sealed inline by flush and fsync.
 
+mod check;
 mod data;
 mod ns;
 mod snap;
 mod txn;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
@@ -23,9 +24,10 @@ use crate::error::{FsError, Result};
 use crate::inode::{Attr, Time};
 use crate::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
 
+pub use check::CheckReport;
 pub use data::{Handle, ReadBuf, MAX_FILE_SIZE};
 pub use ns::{DirEntry, SetAttr, TimeSet};
-pub use snap::{check_snapshot_name, Rollback, SnapshotInfo};
+pub use snap::{check_snapshot_name, Rollback, SnapshotInfo, VersionGc};
 pub(crate) use txn::Txn;
 
 pub const ROOT_INO: u64 = 1;
@@ -155,6 +157,28 @@ impl ChunkCache {
     }
 }
 
+/// Epochs read by live views (snapshot browsing, restore, diff): epoch -> number of views.
+/// Version GC retains them like snapshot epochs, so a view never reads another epoch's bytes.
+pub(crate) type Pins = Arc<Mutex<BTreeMap<u64, usize>>>;
+
+/// A view's hold on its epoch; released when the view is dropped.
+struct Pin {
+    pins: Pins,
+    epoch: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut p = self.pins.lock();
+        if let Some(n) = p.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.epoch);
+            }
+        }
+    }
+}
+
 pub struct Fs {
     pub(crate) eng: Arc<Engine>,
     pub(crate) chunk_size: usize,
@@ -171,6 +195,16 @@ pub struct Fs {
     gc_lock: Mutex<()>,
     /// Background WAL syncs started by snapshots; joined before the engine can close.
     background: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Shared by the live instance and all its views.
+    pins: Pins,
+    /// This view's pin (None for the live instance).
+    _pin: Option<Pin>,
+    /// Makes a snapshot one instant: every `write` holds it shared for its whole call, and
+    /// `snapshot_create` holds it exclusively while it seals the last buffers and moves the
+    /// epoch. No write is half applied, or applied but unsealed, when the epoch moves.
+    barrier: RwLock<()>,
+    /// A pass of version GC was held back by a pinned epoch; the background GC runs it.
+    gc_pending: AtomicBool,
 }
 
 impl Drop for Fs {
@@ -205,6 +239,8 @@ impl Fs {
             epoch,
             None,
             MetaState { next_ino, counters },
+            Pins::default(),
+            None,
         );
         if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
             let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
@@ -227,6 +263,8 @@ impl Fs {
         epoch: u64,
         view: Option<u64>,
         meta: MetaState,
+        pins: Pins,
+        pin: Option<Pin>,
     ) -> Fs {
         Fs {
             eng,
@@ -242,16 +280,53 @@ impl Fs {
             sealer: std::sync::OnceLock::new(),
             gc_lock: Mutex::new(()),
             background: Mutex::new(Vec::new()),
+            pins,
+            _pin: pin,
+            barrier: RwLock::new(()),
+            gc_pending: AtomicBool::new(false),
         }
     }
 
-    /// A read-only view of the tree at `epoch`, sharing the engine.
+    /// A read-only view of the tree at `epoch`, sharing the engine. The view pins its epoch:
+    /// version GC keeps what it reads until it is dropped.
     pub fn view(&self, epoch: u64) -> Fs {
+        let _meta = self.meta.lock();
+        self.view_locked(epoch)
+    }
+
+    /// `view`, with `meta` held by the caller (the pin and GC's retained set agree).
+    fn view_locked(&self, epoch: u64) -> Fs {
+        *self.pins.lock().entry(epoch).or_insert(0) += 1;
+        let pin = Pin {
+            pins: self.pins.clone(),
+            epoch,
+        };
         let meta = MetaState {
             next_ino: 0,
             counters: Counters::default(),
         };
-        Fs::assemble(self.eng.clone(), self.chunk_size, epoch, Some(epoch), meta)
+        Fs::assemble(
+            self.eng.clone(),
+            self.chunk_size,
+            epoch,
+            Some(epoch),
+            meta,
+            self.pins.clone(),
+            Some(pin),
+        )
+    }
+
+    /// A pinned view of snapshot `name`: it reads the snapshot's bytes even if the snapshot
+    /// is deleted while the view lives.
+    pub fn snapshot_view(&self, name: &str) -> Result<Fs> {
+        let _meta = self.meta.lock();
+        let s = self.snapshot_get(name)?;
+        Ok(self.view_locked(s.epoch))
+    }
+
+    /// Epochs pinned by live views.
+    pub(crate) fn pinned_epochs(&self) -> Vec<u64> {
+        self.pins.lock().keys().copied().collect()
     }
 
     /// The epoch reads see.
@@ -471,24 +546,48 @@ impl Fs {
         r
     }
 
-    /// Seals every open file's buffers and makes everything durable.
+    /// Seals every open file's buffers and makes everything durable. A file whose seal
+    /// failed does not stop the others; the first error is returned after all were tried.
     pub fn sync_all(&self) -> Result<()> {
-        self.seal_open_files()?;
-        self.eng.sync()
+        let sealed = self.seal_open_files();
+        self.eng.sync()?;
+        sealed
     }
 
-    /// Seals the buffers of every open file (not synced).
+    /// Seals the buffers of every open file (not synced). Every file is tried: one file with
+    /// a sticky seal error (already reported to its writer) neither leaves the files after it
+    /// unsealed nor hides them. Returns the first error.
     pub(crate) fn seal_open_files(&self) -> Result<()> {
+        self.seal_open_files_but(false)
+    }
+
+    /// `seal_open_files`; with `skip_busy`, files with seal jobs in flight (streaming
+    /// writers, whose queue refills as fast as it drains) are left for a later pass.
+    pub(crate) fn seal_open_files_but(&self, skip_busy: bool) -> Result<()> {
         let files: Vec<(u64, Arc<OpenFile>)> = self
             .open
             .lock()
             .iter()
             .map(|(k, e)| (*k, e.file.clone()))
             .collect();
+        let mut first = Ok(());
         for (ino, f) in files {
-            self.seal_all(ino, &f)?;
+            if skip_busy && *f.inflight.lock() > 0 {
+                continue;
+            }
+            if let Err(e) = self.seal_all(ino, &f) {
+                log::warn!("inode {ino}: cannot seal its buffers: {e}");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
         }
-        Ok(())
+        first
+    }
+
+    /// Inode numbers of the regular files open now (for the kernel writeback barrier).
+    pub fn open_inodes(&self) -> Vec<u64> {
+        self.open.lock().keys().copied().collect()
     }
 
     /// Makes every metadata change applied so far durable (fsyncdir).

@@ -64,6 +64,43 @@ fn decode_snapshot(name: &[u8], v: &[u8]) -> Option<SnapshotInfo> {
     })
 }
 
+/// One version of a record: full key, epoch, value (tag included).
+type Version = (Vec<u8>, u64, Vec<u8>);
+
+/// What version GC deletes from the versions of one record (newest first): the versions no
+/// retained epoch sees, and tombstones with nothing older kept. With the chunk a deleted
+/// chunk-map version referenced.
+fn victims(group: &[Version], retained: &[u64]) -> Vec<(Vec<u8>, u64, Option<ChunkId>)> {
+    let sees = |lo: u64, hi: u64| retained.iter().any(|r| *r >= lo && *r < hi);
+    // Newest first; version i is visible on [e_i, e_{i-1}).
+    let mut keep = vec![false; group.len()];
+    let mut upper = u64::MAX;
+    for (i, (_, e, _)) in group.iter().enumerate() {
+        keep[i] = sees(*e, upper);
+        upper = *e;
+    }
+    // A tombstone with nothing older kept says nothing that absence does not.
+    for i in (0..group.len()).rev() {
+        if !keep[i] {
+            continue;
+        }
+        if group[i].2.first() == Some(&TAG_LIVE) {
+            break;
+        }
+        keep[i] = false;
+    }
+    let mut out = Vec::new();
+    for (i, (k, e, v)) in group.iter().enumerate() {
+        if !keep[i] {
+            let chunk = (k[0] == keys::P_MAP && v.first() == Some(&TAG_LIVE))
+                .then(|| MapEntry::decode(&v[1..]).map(|m| m.id))
+                .flatten();
+            out.push((k.clone(), *e, chunk));
+        }
+    }
+    out
+}
+
 /// What one pass over the versioned records found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VersionGc {
@@ -80,8 +117,10 @@ impl Fs {
         self.view.is_some()
     }
 
-    /// Takes a snapshot of the live tree. Every write acknowledged before the call is in it;
-    /// the cost is sealing open buffers plus one batch, whatever the amount of data.
+    /// Takes a snapshot of the live tree: one instant. Every write acknowledged before the
+    /// call is in it; no write that started after the epoch moved is; a write in flight is
+    /// wholly in or wholly out (writers hold `barrier` shared for a whole call). The cost is
+    /// sealing open buffers plus one batch, whatever the amount of data.
     ///
     /// On return the snapshot survives a crash of this process (the batch is in the WAL, in
     /// the OS page cache). With `durable`, it returns only after the WAL is fsynced, so it also
@@ -90,9 +129,19 @@ impl Fs {
     pub fn snapshot_create(&self, name: &str, durable: bool) -> Result<SnapshotInfo> {
         check_snapshot_name(name).map_err(|_| FsError::Invalid)?;
         self.write_epoch()?;
-        self.seal_open_files()?;
-        let meta = self.lock_meta();
         let key = keys::snapshot_key(name.as_bytes());
+        if self.eng.get(Cf::Meta, &key)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        // Seal the buffers of idle files while writers still run, so the barrier below is
+        // short (streaming files, with seal jobs in flight, are sealed under it). A file with
+        // a sticky seal error is logged and skipped: its writer is told on its next write,
+        // flush or fsync, and the snapshot holds what the store holds.
+        let _ = self.seal_open_files_but(true);
+        let barrier = self.barrier.write();
+        let _ = self.seal_open_files();
+        fail::fail_point!("snapshot-before-epoch-move");
+        let meta = self.lock_meta();
         if self.eng.get(Cf::Meta, &key)?.is_some() {
             return Err(FsError::Exists);
         }
@@ -116,6 +165,7 @@ impl Fs {
         self.eng.write(b, durable)?;
         self.epoch.store(e + 1, Ordering::Release);
         drop(meta);
+        drop(barrier);
         if !durable {
             let eng = self.eng.clone();
             let spawned = std::thread::Builder::new()
@@ -157,6 +207,9 @@ impl Fs {
     }
 
     /// Deletes a snapshot record (synced), then collects the versions only it could see.
+    /// Versions that a live view of the snapshot still reads (an open file under
+    /// `.snapshots/NAME`, a restore, a diff) stay until the view is dropped; the background
+    /// GC collects them then (`run_pending_gc`).
     pub fn snapshot_delete(&self, name: &str) -> Result<VersionGc> {
         self.write_epoch()?;
         {
@@ -172,59 +225,72 @@ impl Fs {
         Ok(r)
     }
 
-    /// The epochs some view may still read at: every snapshot's, and the live one.
-    fn retained_epochs(&self) -> Result<Vec<u64>> {
+    /// Epochs pinned by views that no snapshot and not the live tree account for: versions
+    /// only they see are garbage as soon as they are released.
+    pub fn orphan_pins(&self) -> Result<usize> {
+        let _meta = self.lock_meta();
+        let snaps: Vec<u64> = self.snapshot_list()?.iter().map(|s| s.epoch).collect();
+        let live = self.write_epoch()?;
+        Ok(self
+            .pinned_epochs()
+            .into_iter()
+            .filter(|p| *p != live && !snaps.contains(p))
+            .count())
+    }
+
+    /// Runs a version GC pass that an earlier pass could not finish because views pinned
+    /// epochs of deleted snapshots, once those views are gone. Called by the background GC.
+    pub fn run_pending_gc(&self) -> Result<Option<VersionGc>> {
+        if self.view.is_some() || !self.gc_pending.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        if self.orphan_pins()? > 0 {
+            return Ok(None);
+        }
+        self.gc_pending.store(false, Ordering::Release);
+        let mut r = self.gc_versions()?;
+        r.chunks_freed = self.collect_garbage()?;
+        Ok(Some(r))
+    }
+
+    /// The epochs some view may still read at: every snapshot's, the live one and every
+    /// epoch pinned by a live view. The caller holds `meta`, so no snapshot, epoch move or
+    /// pin can slip in between (each of those takes `meta`).
+    fn retained_epochs_locked(&self) -> Result<Vec<u64>> {
         let mut r: Vec<u64> = self.snapshot_list()?.iter().map(|s| s.epoch).collect();
         r.push(self.write_epoch()?);
+        r.extend(self.pinned_epochs());
         r.sort_unstable();
+        r.dedup();
         Ok(r)
+    }
+
+    fn retained_epochs(&self) -> Result<Vec<u64>> {
+        let _meta = self.lock_meta();
+        self.retained_epochs_locked()
     }
 
     /// Deletes every version of every record that no retained epoch can see, and drops the
     /// chunk references of deleted chunk-map versions. O(metadata), not O(data).
     ///
-    /// Safe against concurrent writers without holding `meta` for the scan: live writes only
-    /// touch keys at the current epoch, which this pass never deletes, and a newer version
-    /// only shrinks the visibility of older ones. Passes are serialized (`gc_lock`), so a
-    /// reference is dropped once. The versions of one record go in one batch.
+    /// Two phases. The scan, without `meta`, only nominates records that may hold garbage.
+    /// Each batch then takes `meta`, reads the retained epochs afresh, re-reads every version
+    /// of each nominated record and decides again (`victims`). Every writer, snapshot and
+    /// pin takes `meta` too, so what a batch deletes is garbage at the moment it commits:
+    /// a version written, replaced or newly hidden since the scan is judged on what the
+    /// store holds now, never on the scan's stale picture. Passes are serialized
+    /// (`gc_lock`), so a reference is dropped once.
     pub fn gc_versions(&self) -> Result<VersionGc> {
         let _gc = self.gc_lock.lock();
         let retained = self.retained_epochs()?;
-        let sees = |lo: u64, hi: u64| retained.iter().any(|r| *r >= lo && *r < hi);
-        type Victim = (Vec<u8>, u64, Option<ChunkId>);
-        let mut garbage: Vec<Vec<Victim>> = Vec::new();
-        let mut group: Vec<(Vec<u8>, u64, Vec<u8>)> = Vec::new();
-        let flush_group = |group: &mut Vec<(Vec<u8>, u64, Vec<u8>)>,
-                           garbage: &mut Vec<Vec<Victim>>| {
-            // Newest first; version i is visible on [e_i, e_{i-1}).
-            let mut keep = vec![false; group.len()];
-            let mut upper = u64::MAX;
-            for (i, (_, e, _)) in group.iter().enumerate() {
-                keep[i] = sees(*e, upper);
-                upper = *e;
+        let mut nominated: Vec<Vec<u8>> = Vec::new();
+        let mut group: Vec<Version> = Vec::new();
+        let mut consider = |group: &mut Vec<Version>| {
+            if !victims(group, &retained).is_empty() {
+                let (rec, _) = keys::split_version(&group[0].0);
+                nominated.push(rec.to_vec());
             }
-            // A tombstone with nothing older kept says nothing that absence does not.
-            for i in (0..group.len()).rev() {
-                if !keep[i] {
-                    continue;
-                }
-                if group[i].2.first() == Some(&TAG_LIVE) {
-                    break;
-                }
-                keep[i] = false;
-            }
-            let mut victims = Vec::new();
-            for (i, (k, e, v)) in group.drain(..).enumerate() {
-                if !keep[i] {
-                    let chunk = (k[0] == keys::P_MAP && v.first() == Some(&TAG_LIVE))
-                        .then(|| MapEntry::decode(&v[1..]).map(|m| m.id))
-                        .flatten();
-                    victims.push((k, e, chunk));
-                }
-            }
-            if !victims.is_empty() {
-                garbage.push(victims);
-            }
+            group.clear();
         };
         let start = [keys::P_INODE];
         let end = [keys::P_XATTR + 1];
@@ -235,21 +301,29 @@ impl Fs {
                 .first()
                 .is_some_and(|(gk, _, _)| keys::split_version(gk).0 != rec)
             {
-                flush_group(&mut group, &mut garbage);
+                consider(&mut group);
             }
             group.push((k.clone(), e, v));
         }
-        flush_group(&mut group, &mut garbage);
+        consider(&mut group);
+        fail::fail_point!("gc-after-scan");
         let mut result = VersionGc::default();
-        let mut groups = garbage.into_iter().peekable();
-        while groups.peek().is_some() {
+        for part in nominated.chunks(256) {
             let mut meta = self.lock_meta();
+            let retained = self.retained_epochs_locked()?;
             let live = self.write_epoch()?;
             let mut txn = Txn::new(self);
             let mut n = 0;
-            while n < 1024 {
-                let Some(g) = groups.next() else { break };
-                for (k, e, chunk) in g {
+            for rec in part {
+                let mut versions: Vec<Version> = Vec::new();
+                for item in self.eng.scan(Cf::Meta, rec, rec) {
+                    let (k, v) = item?;
+                    if k.len() == rec.len() + keys::VERSION_LEN {
+                        let e = keys::split_version(&k).1;
+                        versions.push((k, e, v));
+                    }
+                }
+                for (k, e, chunk) in victims(&versions, &retained) {
                     if e >= live {
                         continue; // the live epoch's keys belong to writers
                     }
@@ -262,6 +336,9 @@ impl Fs {
             }
             txn.commit(&mut meta, false)?;
             result.versions_deleted += n as u64;
+        }
+        if self.orphan_pins()? > 0 {
+            self.gc_pending.store(true, Ordering::Release);
         }
         Ok(result)
     }

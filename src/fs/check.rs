@@ -1,0 +1,158 @@
+//! A consistency check that walks the whole store (`snapfs check`, the stress tests):
+//! reference counts against the chunk-map versions that hold them, chunk bodies against
+//! their refcount records, the space counters against their sums, and, at every retained
+//! epoch, directory entries against the inodes they name.
+//!
+//! It takes `meta` for the reference walk, so it sees one consistent state; with a daemon
+//! serving, writers wait for the walk (O(metadata)).
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::engine::Cf;
+use crate::error::Result;
+use crate::keys::{self, ChunkId, MapEntry, TAG_LIVE};
+
+use super::txn::decode_ref;
+use super::{Counters, Fs};
+
+/// What `Fs::check` found. `problems` is empty for a consistent store.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct CheckReport {
+    pub chunks: u64,
+    pub references: u64,
+    pub epochs_checked: u64,
+    pub entries_checked: u64,
+    pub chunks_verified: u64,
+    /// One line per inconsistency (at most 100 are listed; `problem_count` counts all).
+    pub problems: Vec<String>,
+    pub problem_count: u64,
+}
+
+impl CheckReport {
+    fn problem(&mut self, p: String) {
+        self.problem_count += 1;
+        if self.problems.len() < 100 {
+            self.problems.push(p);
+        }
+    }
+}
+
+impl Fs {
+    /// Walks the store and reports every inconsistency. With `verify_data`, also reads,
+    /// decompresses and hashes every chunk body.
+    pub fn check(&self, verify_data: bool) -> Result<CheckReport> {
+        let mut r = CheckReport::default();
+        let meta = self.lock_meta();
+        // References held by chunk-map versions.
+        let mut refs: HashMap<ChunkId, u64> = HashMap::new();
+        for item in self.eng.scan(Cf::Meta, &[keys::P_MAP], &[keys::P_MAP]) {
+            let (_, v) = item?;
+            if v.first() == Some(&TAG_LIVE) {
+                match MapEntry::decode(&v[1..]) {
+                    Some(m) => *refs.entry(m.id).or_default() += 1,
+                    None => r.problem("a chunk-map version does not decode".into()),
+                }
+            }
+        }
+        let mut sums = Counters::default();
+        let mut counted: HashMap<ChunkId, ()> = HashMap::new();
+        for item in self
+            .eng
+            .scan(Cf::Meta, &[keys::P_REFCOUNT], &[keys::P_REFCOUNT])
+        {
+            let (k, v) = item?;
+            let Ok(id) = <ChunkId>::try_from(&k[1..]) else {
+                r.problem("a refcount key has the wrong length".into());
+                continue;
+            };
+            let Some((count, raw, stored)) = decode_ref(&v) else {
+                r.problem(format!(
+                    "refcount of {} does not decode",
+                    crate::chunk::hex(&id)
+                ));
+                continue;
+            };
+            counted.insert(id, ());
+            r.chunks += 1;
+            sums.chunks += 1;
+            sums.unique_bytes += raw as u64;
+            sums.stored_bytes += stored as u64;
+            sums.referenced_bytes += count * raw as u64;
+            let held = refs.get(&id).copied().unwrap_or(0);
+            if held != count {
+                r.problem(format!(
+                    "chunk {}: refcount {count}, but {held} chunk-map versions name it",
+                    crate::chunk::hex(&id)
+                ));
+            }
+            if count == 0 && !self.eng.exists(Cf::Meta, &keys::free_key(&id))? {
+                r.problem(format!(
+                    "chunk {}: unreferenced but not queued for garbage collection",
+                    crate::chunk::hex(&id)
+                ));
+            }
+            match self.eng.get(Cf::Chunks, &id)? {
+                None => r.problem(format!("chunk {}: body missing", crate::chunk::hex(&id))),
+                Some(body) if verify_data => {
+                    r.chunks_verified += 1;
+                    if crate::chunk::decode(&id, &body).is_err() {
+                        r.problem(format!(
+                            "chunk {}: body fails verification",
+                            crate::chunk::hex(&id)
+                        ));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for (id, n) in &refs {
+            r.references += n;
+            if !counted.contains_key(id) {
+                r.problem(format!(
+                    "chunk {}: named by {n} chunk-map versions but has no refcount",
+                    crate::chunk::hex(id)
+                ));
+            }
+        }
+        for item in self.eng.scan(Cf::Chunks, &[], &[]) {
+            let (k, _) = item?;
+            if k.len() != 32 || !counted.contains_key(&k[..]) {
+                r.problem(format!(
+                    "chunk body {} has no refcount (leaked)",
+                    crate::chunk::hex(&k)
+                ));
+            }
+        }
+        if sums != meta.counters {
+            r.problem(format!(
+                "space counters {:?} differ from their sums {:?}",
+                meta.counters, sums
+            ));
+        }
+        let mut epochs: Vec<u64> = self.snapshot_list()?.iter().map(|s| s.epoch).collect();
+        epochs.push(self.view_epoch());
+        drop(meta);
+        // Namespace at every retained epoch: each entry names an inode that exists there.
+        for e in epochs {
+            let view = self.view(e);
+            r.epochs_checked += 1;
+            for (rec, p) in view.scan_recs(&[keys::P_DIRENT])? {
+                r.entries_checked += 1;
+                let Some(child) = keys::Dirent::decode(&p).map(|d| d.ino) else {
+                    r.problem(format!("epoch {e}: a directory entry does not decode"));
+                    continue;
+                };
+                if view.get_rec(&keys::inode_rec(child))?.is_none() {
+                    r.problem(format!(
+                        "epoch {e}: entry {:?} in directory {} names inode {child}, which does not exist",
+                        String::from_utf8_lossy(keys::dirent_name(&rec)),
+                        keys::be_u64(&rec[1..9])
+                    ));
+                }
+            }
+        }
+        Ok(r)
+    }
+}
