@@ -264,15 +264,28 @@ fn extreme_times_from_an_unprivileged_owner_do_not_take_the_mount_down() {
     let f = dir.join("t");
     std::fs::write(&f, b"x").unwrap();
     std::os::unix::fs::chown(&f, Some(NOBODY), Some(NOBODY)).unwrap();
-    let fc = c(&f);
-    for _ in 0..8 {
-        let times = [ts(i64::MIN, 0), ts(i64::MIN, 0)];
-        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, fc.as_ptr(), times.as_ptr(), 0) };
-        let _ = rc; // success or an errno; what matters is that the mount survives
-    }
-    assert_serving(&mut m);
-    let md = std::fs::metadata(&f).expect("stat after extreme times");
-    assert_eq!(md.len(), 1);
+    // On a thread, with a deadline: a mount whose workers died stops answering, and the
+    // calls would block instead of failing.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let fc = c(&f);
+        for _ in 0..8 {
+            let times = [ts(i64::MIN, 0), ts(i64::MIN, 0)];
+            // Success or an errno; what matters is that the mount survives.
+            unsafe { libc::utimensat(libc::AT_FDCWD, fc.as_ptr(), times.as_ptr(), 0) };
+        }
+        let md = std::fs::metadata(&f).map(|m| m.len());
+        let _ = tx.send(md);
+    });
+    let md = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            panic!(
+                "the mount stopped answering after utimensat(i64::MIN): {}",
+                m.log_tail()
+            )
+        });
+    assert_eq!(md.expect("stat after extreme times"), 1);
     m.stop();
 }
 

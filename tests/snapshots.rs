@@ -406,7 +406,7 @@ fn automatic_snapshots_follow_the_retention_policy() {
 }
 
 /// The child half of the mmap test: maps FILE shared, and for each line on stdin dirties
-/// every page with the next round's byte, then prints "dirty". Keeps the mapping (and the
+/// every page with the next round's byte, then prints "mmap-dirty". Keeps the mapping (and the
 /// file) open throughout, as a training job does, so no close flushes the pages.
 #[test]
 #[ignore = "helper: run by pages_dirtied_through_a_shared_mmap_are_in_the_snapshot"]
@@ -442,7 +442,8 @@ fn mmap_writer_child() {
         for page in pages.chunks_mut(4096) {
             page.fill(round);
         }
-        println!("dirty");
+        // The harness has printed "test ... " without a newline: start a line of our own.
+        println!("\nmmap-dirty");
         std::io::stdout().flush().unwrap();
     }
     unsafe { libc::munmap(p, size) };
@@ -486,7 +487,7 @@ fn pages_dirtied_through_a_shared_mmap_are_in_the_snapshot() {
         loop {
             let mut l = String::new();
             assert!(from_child.read_line(&mut l).unwrap() > 0, "mmap child died");
-            if l.trim() == "dirty" {
+            if l.trim() == "mmap-dirty" {
                 break;
             }
         }
