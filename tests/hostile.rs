@@ -286,6 +286,7 @@ fn extreme_times_from_an_unprivileged_owner_do_not_take_the_mount_down() {
             )
         });
     assert_eq!(md.expect("stat after extreme times"), 1);
+    assert_serving(&mut m);
     m.stop();
 }
 
