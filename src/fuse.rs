@@ -42,6 +42,8 @@ pub struct FuseFs {
     list_snapdir: bool,
     store_dir: PathBuf,
     files: Mutex<HashMap<u64, OpenHandle>>,
+    /// Handles opened by the snapshot's writeback barrier (`ops::writeback_barrier`).
+    barrier_fhs: Mutex<std::collections::HashSet<u64>>,
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
 }
@@ -55,6 +57,7 @@ impl FuseFs {
             views,
             store_dir: store_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
+            barrier_fhs: Mutex::new(std::collections::HashSet::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -422,13 +425,18 @@ impl Filesystem for FuseFs {
         reply_entry(reply, r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = self.target(ino).and_then(|(fs, i, slot)| {
             if wants_write(flags) && slot != 0 {
                 return Err(FsError::ReadOnly);
             }
-            let h = fs.open(i, wants_write(flags))?;
-            Ok(self.register(fs, h))
+            let rdwr = flags.acc_mode() == OpenAccMode::O_RDWR;
+            let h = fs.open_with(i, wants_write(flags), rdwr)?;
+            let fh = self.register(fs, h);
+            if self.views.is_barrier_thread(u64::from(req.pid())) {
+                self.barrier_fhs.lock().insert(fh);
+            }
+            Ok(fh)
         });
         match r {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -479,12 +487,16 @@ impl Filesystem for FuseFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.views.is_barrier_thread(u64::from(req.pid())) {
+            // The close of the snapshot's writeback barrier (see fsync): the snapshot seals.
+            return reply.ok();
+        }
         reply_empty(reply, self.handle(fh).and_then(|(fs, h)| fs.flush(&h)));
     }
 
@@ -499,7 +511,10 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let h = self.files.lock().remove(&fh.0);
+        let barrier = self.barrier_fhs.lock().remove(&fh.0);
         match h {
+            // A handle of the snapshot's writeback barrier: sealing is the snapshot's job.
+            Some((fs, h)) if barrier => reply_empty(reply, fs.release_unsealed(&h)),
             Some((fs, h)) => reply_empty(reply, fs.release(&h)),
             None => reply.error(errno(FsError::BadHandle)),
         }
@@ -664,7 +679,8 @@ impl Filesystem for FuseFs {
                 0,
                 creds(req),
             )?;
-            let h = fs.open(a.ino, wants_write(OpenFlags(flags)))?;
+            let rdwr = OpenFlags(flags).acc_mode() == OpenAccMode::O_RDWR;
+            let h = fs.open_with(a.ino, wants_write(OpenFlags(flags)), rdwr)?;
             Ok((a, self.register(fs.clone(), h)))
         });
         match r {

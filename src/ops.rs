@@ -99,11 +99,12 @@ pub fn snapshot_create(ctx: &Ctx, name: &str, durable: bool) -> Result<String, S
 
 /// Brings every page dirtied through a shared mmap before this call into the daemon: those
 /// live in the kernel's page cache until written back, and syncfs(2) on a FUSE mount returns
-/// before the WRITEs reach us (Linux 6.x). fsync(2) of each open file does wait for them
+/// before the WRITEs reach us (Linux 6.x). fsync(2) of each file open O_RDWR (no other
+/// descriptor can back a shared writable mapping) does wait for them
 /// (see `sys::fsync_fuse_inode`); the FSYNC that follows it is answered without a WAL sync
 /// (`Views::is_barrier_thread`), because the snapshot seals everything anyway.
 fn writeback_barrier(ctx: &Ctx, m: &std::path::Path) -> Result<(), String> {
-    let open = ctx.fs.open_inodes();
+    let open = ctx.fs.mappable_inodes();
     if open.is_empty() {
         return Ok(());
     }
@@ -118,6 +119,9 @@ fn writeback_barrier(ctx: &Ctx, m: &std::path::Path) -> Result<(), String> {
             break;
         }
     }
+    // The descriptors are closed (their FLUSH answered at once, as barrier FLUSHes are);
+    // only now may this thread's requests be treated as ordinary ones again.
+    drop(root);
     ctx.views.barrier_thread(tid, false);
     match r {
         Ok(()) => Ok(()),

@@ -78,10 +78,29 @@ impl std::ops::Deref for ReadBuf {
 pub struct Handle {
     pub ino: u64,
     file: Arc<OpenFile>,
+    /// Counted in `OpenFile::read_write`.
+    read_write: bool,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.read_write {
+            self.file
+                .read_write
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 impl Fs {
     pub fn open(&self, ino: u64, write: bool) -> Result<Handle> {
+        self.open_with(ino, write, false)
+    }
+
+    /// `open`; `read_write` says the descriptor was opened O_RDWR, the only kind through
+    /// which a process can map the file `MAP_SHARED` with `PROT_WRITE` (so the kernel may
+    /// hold dirty pages of it: `mappable_inodes`).
+    pub fn open_with(&self, ino: u64, write: bool, read_write: bool) -> Result<Handle> {
         let a = self.stored_attr(ino)?;
         if a.kind == Kind::Dir && write {
             return Err(FsError::IsDir);
@@ -89,9 +108,16 @@ impl Fs {
         if write {
             self.write_epoch()?;
         }
+        let file = self.acquire(ino)?;
+        let read_write = read_write && a.kind == Kind::File;
+        if read_write {
+            file.read_write
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         Ok(Handle {
             ino,
-            file: self.acquire(ino)?,
+            file,
+            read_write,
         })
     }
 
@@ -99,6 +125,12 @@ impl Fs {
     /// an unlinked file.
     pub fn release(&self, h: &Handle) -> Result<()> {
         self.unacquire(h.ino, &h.file)
+    }
+
+    /// Closes a handle that wrote nothing, without sealing the file's buffers unless it was
+    /// the file's last user (the snapshot's writeback barrier, which seals them itself).
+    pub fn release_unsealed(&self, h: &Handle) -> Result<()> {
+        self.unacquire_opt(h.ino, &h.file, false)
     }
 
     /// Seals the file's buffers (on close(2) of any descriptor).

@@ -79,6 +79,8 @@ pub(crate) struct OpenFile {
     pub idle: Condvar,
     /// The first error of an asynchronous seal, reported by the next write, flush or fsync.
     pub error: Mutex<Option<FsError>>,
+    /// Handles open O_RDWR (through which the file may be mapped shared and writable).
+    pub read_write: std::sync::atomic::AtomicUsize,
 }
 
 impl OpenFile {
@@ -93,6 +95,7 @@ impl OpenFile {
             inflight: Mutex::new(0),
             idle: Condvar::new(),
             error: Mutex::new(None),
+            read_write: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -466,7 +469,17 @@ impl Fs {
 
     /// Drops one user; the last one seals buffers and purges an unlinked inode.
     pub(crate) fn unacquire(&self, ino: u64, file: &Arc<OpenFile>) -> Result<()> {
-        let sealed = self.seal_all(ino, file);
+        self.unacquire_opt(ino, file, true)
+    }
+
+    /// `unacquire`; without `seal`, the buffers are sealed only if this is the last user.
+    pub(crate) fn unacquire_opt(&self, ino: u64, file: &Arc<OpenFile>, seal: bool) -> Result<()> {
+        let others = !seal && self.open.lock().get(&ino).is_some_and(|e| e.users > 1);
+        let sealed = if others {
+            Ok(())
+        } else {
+            self.seal_all(ino, file)
+        };
         let mut meta = self.meta.lock();
         let last = {
             let mut open = self.open.lock();
@@ -585,9 +598,16 @@ impl Fs {
         first
     }
 
-    /// Inode numbers of the regular files open now (for the kernel writeback barrier).
-    pub fn open_inodes(&self) -> Vec<u64> {
-        self.open.lock().keys().copied().collect()
+    /// Regular files with a handle open O_RDWR: the only ones a process can have mapped
+    /// `MAP_SHARED` and writable, so the only ones whose dirty pages may still be in the
+    /// kernel (the snapshot's writeback barrier; a mapping keeps its file open).
+    pub fn mappable_inodes(&self) -> Vec<u64> {
+        self.open
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.file.read_write.load(Ordering::Acquire) > 0)
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// Makes every metadata change applied so far durable (fsyncdir).
