@@ -6,7 +6,7 @@
 //! It takes `meta` for the reference walk, so it sees one consistent state; with a daemon
 //! serving, writers wait for the walk (O(metadata)).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -57,7 +57,7 @@ impl Fs {
             }
         }
         let mut sums = Counters::default();
-        let mut counted: HashMap<ChunkId, ()> = HashMap::new();
+        let mut counted: HashSet<ChunkId> = HashSet::new();
         for item in self
             .eng
             .scan(Cf::Meta, &[keys::P_REFCOUNT], &[keys::P_REFCOUNT])
@@ -74,7 +74,7 @@ impl Fs {
                 ));
                 continue;
             };
-            counted.insert(id, ());
+            counted.insert(id);
             r.chunks += 1;
             sums.chunks += 1;
             sums.unique_bytes += raw as u64;
@@ -109,7 +109,7 @@ impl Fs {
         }
         for (id, n) in &refs {
             r.references += n;
-            if !counted.contains_key(id) {
+            if !counted.contains(id) {
                 r.problem(format!(
                     "chunk {}: named by {n} chunk-map versions but has no refcount",
                     crate::chunk::hex(id)
@@ -118,7 +118,7 @@ impl Fs {
         }
         for item in self.eng.scan(Cf::Chunks, &[], &[]) {
             let (k, _) = item?;
-            if k.len() != 32 || !counted.contains_key(&k[..]) {
+            if k.len() != 32 || !<ChunkId>::try_from(&k[..]).is_ok_and(|id| counted.contains(&id)) {
                 r.problem(format!(
                     "chunk body {} has no refcount (leaked)",
                     crate::chunk::hex(&k)
