@@ -36,6 +36,12 @@ pub enum Request {
     MountSnapshot {
         name: String,
         mountpoint: PathBuf,
+        /// Let other users read the mount (`--allow-other`).
+        #[serde(default)]
+        allow_other: bool,
+        /// FUSE worker threads (`--threads`); 0 from an older client: the default.
+        #[serde(default)]
+        threads: usize,
     },
     Rollback {
         name: String,

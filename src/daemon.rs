@@ -26,6 +26,8 @@ pub struct MountArgs {
     pub snapshot: Option<String>,
     /// List `.snapshots` in the root directory (it is always reachable by name).
     pub show_snapshots: bool,
+    /// Bytes of decoded chunks cached, shared by the tree and every snapshot view.
+    pub cache_bytes: usize,
     /// Take a snapshot at this interval, then apply `keep` to automatic snapshots.
     pub snapshot_every: Option<std::time::Duration>,
     pub keep: crate::retention::Policy,
@@ -153,6 +155,15 @@ fn tune_readahead(mnt: &Path, chunk_size: usize) {
     }
 }
 
+/// How long an unused `/.snapshots/NAME` view stays open (`SNAPFS_VIEW_IDLE_SECS`, for tests).
+fn view_idle() -> std::time::Duration {
+    std::env::var("SNAPFS_VIEW_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(crate::views::VIEW_IDLE)
+}
+
 /// Runs the daemon in the foreground. Returns when the filesystem is unmounted.
 pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     // Block exit signals before any thread exists (RocksDB starts its own), so that only the
@@ -174,6 +185,8 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
             let req = control::Request::MountSnapshot {
                 name: name.clone(),
                 mountpoint: check_mountpoint(&a.mountpoint)?,
+                allow_other: a.allow_other,
+                threads: a.threads,
             };
             if let Some(resp) = control::call(&dir, &req, &mut |p| eprintln!("{p}"))? {
                 return match resp.ok {
@@ -193,7 +206,9 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
         store.dir.display(),
         report::human(store.chunk_size as u64)
     );
+    store.fs.chunk_cache().set_capacity(a.cache_bytes);
     let views = Arc::new(Views::new(store.fs.clone()));
+    Views::start_reaper(&views, view_idle());
     let root: Arc<Fs> = match &a.snapshot {
         None => store.fs.clone(),
         Some(name) => {
@@ -266,8 +281,19 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
 }
 
 /// Serves a read-only snapshot mount from the running daemon, on a thread of its own.
-pub fn mount_snapshot(ctx: &Ctx, name: &str, mountpoint: &Path) -> Result<String, String> {
+/// `allow_other` and `threads` are the client's `mount` flags (threads 0: the default, 2).
+pub fn mount_snapshot(
+    ctx: &Ctx,
+    name: &str,
+    mountpoint: &Path,
+    allow_other: bool,
+    threads: usize,
+) -> Result<String, String> {
     crate::fs::check_snapshot_name(name)?;
+    let threads = if threads == 0 { 2 } else { threads };
+    if threads > 64 {
+        return Err(format!("--threads must be between 1 and 64, not {threads}"));
+    }
     let mnt = check_mountpoint(mountpoint)?;
     let view = Arc::new(
         ctx.fs
@@ -275,7 +301,7 @@ pub fn mount_snapshot(ctx: &Ctx, name: &str, mountpoint: &Path) -> Result<String
             .map_err(|_| format!("no snapshot named {name:?}"))?,
     );
     let fs = FuseFs::new(view, ctx.views.clone(), &ctx.store_dir, false);
-    let config = config(&ctx.store_dir, false, 2, true);
+    let config = config(&ctx.store_dir, allow_other, threads, true);
     let session = fuser::spawn_mount(fs, &mnt, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mnt.display()))?;
     tune_readahead(&mnt, ctx.chunk_size);

@@ -622,24 +622,30 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self
-            .target(ino)
-            .and_then(|(fs, i, _)| fs.getxattr(i, name.as_bytes()));
+        // The synthetic `.snapshots` has no extended attributes.
+        let r = if ino.0 == views::SNAPDIR_INO {
+            Err(FsError::NoData)
+        } else {
+            self.target(ino)
+                .and_then(|(fs, i, _)| fs.getxattr(i, name.as_bytes()))
+        };
         reply_xattr(reply, size, r);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let list = self
-            .target(ino)
-            .and_then(|(fs, i, _)| fs.listxattr(i))
-            .map(|names| {
-                let mut out = Vec::new();
-                for n in names {
-                    out.extend_from_slice(&n);
-                    out.push(0);
-                }
-                out
-            });
+        let names = if ino.0 == views::SNAPDIR_INO {
+            Ok(Vec::new())
+        } else {
+            self.target(ino).and_then(|(fs, i, _)| fs.listxattr(i))
+        };
+        let list = names.map(|names| {
+            let mut out = Vec::new();
+            for n in names {
+                out.extend_from_slice(&n);
+                out.push(0);
+            }
+            out
+        });
         reply_xattr(reply, size, list);
     }
 
@@ -652,9 +658,12 @@ impl Filesystem for FuseFs {
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Only reached without default_permissions; the kernel checks modes otherwise.
-        let r = self
-            .target(ino)
-            .and_then(|(fs, i, _)| fs.getattr(i).map(|_| ()));
+        let r = if ino.0 == views::SNAPDIR_INO {
+            Ok(())
+        } else {
+            self.target(ino)
+                .and_then(|(fs, i, _)| fs.getattr(i).map(|_| ()))
+        };
         reply_empty(reply, r);
     }
 

@@ -79,6 +79,9 @@ enum Cmd {
         /// List .snapshots in the root directory (it is reachable by name either way).
         #[arg(long)]
         show_snapshots: bool,
+        /// Memory for decoded chunks, shared by the tree and every snapshot view (e.g. 256MiB).
+        #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+        cache_size: usize,
         /// Take a snapshot at this interval (e.g. 10m), named auto-<UTC time>.
         #[arg(long, value_parser = retention::parse_duration)]
         snapshot_every: Option<std::time::Duration>,
@@ -352,8 +355,73 @@ fn check(target: &Path, verify_data: bool, as_json: bool) -> Result<(), String> 
     }
 }
 
+/// A size in bytes: a number with an optional suffix K, M, G (or KiB, MiB, GiB; powers of 1024).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64MiB)"))?;
+    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use K, M or G)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses the command line. `--help` and `--version` print clap's text and exit 0; a usage
+/// error is one line on stderr and exit 1, like every other error.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(c) => Ok(c),
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                let _ = e.print();
+                Err(ExitCode::SUCCESS)
+            }
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                eprintln!("snapfs: usage error: a command is missing; see snapfs --help");
+                Err(ExitCode::FAILURE)
+            }
+            _ => {
+                eprintln!("snapfs: {}", usage_line(&e.render().to_string()));
+                Err(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+/// clap's message on one line: its first paragraph joined (e.g. "the following required
+/// arguments were not provided: <TARGET> <NAME>"), without the `error: ` prefix, and the pointer
+/// to `--help`.
+fn usage_line(rendered: &str) -> String {
+    let para: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let text = para.join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    let text = if text.is_empty() {
+        "invalid command line"
+    } else {
+        text
+    };
+    format!("usage error: {text}; see snapfs --help")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
         .format_timestamp_millis()
@@ -367,6 +435,7 @@ fn main() -> ExitCode {
             chunk_size,
             snapshot,
             show_snapshots,
+            cache_size,
             snapshot_every,
             keep,
         } => daemon::run_mount(&MountArgs {
@@ -377,6 +446,7 @@ fn main() -> ExitCode {
             chunk_size,
             snapshot,
             show_snapshots,
+            cache_bytes: cache_size,
             snapshot_every,
             keep: keep.policy(),
         }),

@@ -207,15 +207,51 @@ struct Sig {
     size: u64,
     mtime: Time,
     content: Vec<u8>,
+    /// Extended attributes, names and values, sorted by name.
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-fn walk(fs: &Fs) -> Result<BTreeMap<String, Sig>, FsError> {
+/// A path for people and scripts: valid UTF-8 is kept, a backslash is `\\`, and every
+/// other byte that is not printable UTF-8 (non-UTF-8 bytes, control characters) is `\xNN`.
+/// The form is unambiguous: two different byte paths never print the same.
+pub fn escape_path(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => {
+                    let mut b = [0u8; 4];
+                    for x in c.encode_utf8(&mut b).bytes() {
+                        out.push_str(&format!("\\x{x:02x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for x in chunk.invalid() {
+            out.push_str(&format!("\\x{x:02x}"));
+        }
+    }
+    out
+}
+
+/// Every node below the root, keyed by its path as bytes (names are bytes, not UTF-8).
+fn walk(fs: &Fs) -> Result<BTreeMap<Vec<u8>, Sig>, FsError> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![(String::new(), ROOT_INO)];
+    let mut stack = vec![(Vec::new(), ROOT_INO)];
     while let Some((path, ino)) = stack.pop() {
         for e in fs.readdir(ino)?.into_iter().skip(2) {
-            let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
+            let mut p: Vec<u8> = path.clone();
+            p.push(b'/');
+            p.extend_from_slice(&e.name);
             let a: Attr = fs.getattr(e.ino)?;
+            let mut xattrs = Vec::new();
+            for n in fs.listxattr(e.ino)? {
+                let v = fs.getxattr(e.ino, &n)?;
+                xattrs.push((n, v));
+            }
+            xattrs.sort();
             let content = match a.kind {
                 Kind::File => fs.content_signature(e.ino)?,
                 Kind::Symlink => a.target.clone(),
@@ -234,6 +270,7 @@ fn walk(fs: &Fs) -> Result<BTreeMap<String, Sig>, FsError> {
                     size: a.size,
                     mtime: a.mtime,
                     content,
+                    xattrs,
                 },
             );
         }
@@ -271,30 +308,41 @@ pub fn snapshot_diff(ctx: &Ctx, a: &str, b: Option<&str>) -> Result<Vec<DiffEntr
     let mut out = Vec::new();
     for (p, s) in &old {
         match new.get(p) {
-            None => out.push(DiffEntry {
-                change: "removed".into(),
-                path: p.clone(),
-                kind: kind_name(s.kind).into(),
-            }),
-            Some(n) if n != s => out.push(DiffEntry {
-                change: "modified".into(),
-                path: p.clone(),
-                kind: kind_name(n.kind).into(),
-            }),
+            None => out.push((
+                p.clone(),
+                DiffEntry {
+                    change: "removed".into(),
+                    path: escape_path(p),
+                    kind: kind_name(s.kind).into(),
+                },
+            )),
+            Some(n) if n != s => out.push((
+                p.clone(),
+                DiffEntry {
+                    change: "modified".into(),
+                    path: escape_path(p),
+                    kind: kind_name(n.kind).into(),
+                },
+            )),
             _ => {}
         }
     }
     for (p, n) in &new {
         if !old.contains_key(p) {
-            out.push(DiffEntry {
-                change: "added".into(),
-                path: p.clone(),
-                kind: kind_name(n.kind).into(),
-            });
+            out.push((
+                p.clone(),
+                DiffEntry {
+                    change: "added".into(),
+                    path: escape_path(p),
+                    kind: kind_name(n.kind).into(),
+                },
+            ));
         }
     }
-    out.sort_by(|x, y| x.path.cmp(&y.path).then(x.change.cmp(&y.change)));
-    Ok(out)
+    // Both maps are in byte order of the paths: sort by that, not by the escaped form.
+    let mut keyed: Vec<(Vec<u8>, DiffEntry)> = out;
+    keyed.sort_by(|x, y| x.0.cmp(&y.0).then(x.1.change.cmp(&y.1.change)));
+    Ok(keyed.into_iter().map(|(_, e)| e).collect())
 }
 
 pub fn restore(
@@ -399,9 +447,18 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Resp
             },
             Err(e) => Response::fail(e),
         },
-        Request::MountSnapshot { name, mountpoint } => {
-            msg(crate::daemon::mount_snapshot(ctx, &name, &mountpoint))
-        }
+        Request::MountSnapshot {
+            name,
+            mountpoint,
+            allow_other,
+            threads,
+        } => msg(crate::daemon::mount_snapshot(
+            ctx,
+            &name,
+            &mountpoint,
+            allow_other,
+            threads,
+        )),
         Request::Rollback {
             name,
             destroy_newer,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -29,9 +30,18 @@ pub fn split(fuse_ino: u64) -> (u16, u64) {
     ((fuse_ino >> SLOT_SHIFT) as u16, fuse_ino & INO_MASK)
 }
 
+/// How long an unused view stays open. A view holds a pin on its snapshot's epoch (version
+/// GC keeps what it reads); its decoded chunks live in the daemon's one shared cache.
+pub const VIEW_IDLE: Duration = Duration::from_secs(60);
+
+/// A slot keeps its snapshot's name for the daemon's life (or until the snapshot is
+/// deleted): the kernel may hold the slot's inode numbers, so a dropped view is reopened by
+/// name on next use, with the same inode numbers (the snapshot's epoch does not change).
 struct View {
     name: String,
-    fs: Arc<Fs>,
+    /// None: dropped while unused; reopened on use.
+    fs: Option<Arc<Fs>>,
+    last_used: Instant,
 }
 
 /// The snapshot views of one daemon, shared by its mounts and its control socket.
@@ -97,18 +107,66 @@ impl Views {
             slot,
             View {
                 name: name.to_string(),
-                fs: Arc::new(view),
+                fs: Some(Arc::new(view)),
+                last_used: Instant::now(),
             },
         );
         Ok(slot)
     }
 
+    /// The view in `slot`, reopened by its snapshot's name if it was dropped while unused.
     pub fn view(&self, slot: u16) -> Result<Arc<Fs>> {
+        let mut slots = self.slots.lock();
+        let v = slots.get_mut(&slot).ok_or(FsError::NotFound)?;
+        v.last_used = Instant::now();
+        if let Some(fs) = &v.fs {
+            return Ok(fs.clone());
+        }
+        let fs = Arc::new(self.live.snapshot_view(&v.name)?);
+        log::debug!("reopened the view of snapshot {}", v.name);
+        v.fs = Some(fs.clone());
+        Ok(fs)
+    }
+
+    /// Drops the views unused for `idle` that nothing else holds (no open file or directory
+    /// handle, no request in flight: the Arc is ours alone). Their slots keep the names.
+    /// Returns how many were dropped.
+    pub fn drop_idle(&self, idle: Duration) -> usize {
+        let mut slots = self.slots.lock();
+        let mut n = 0;
+        for v in slots.values_mut() {
+            let unused = v.last_used.elapsed() >= idle;
+            if unused && v.fs.as_ref().is_some_and(|f| Arc::strong_count(f) == 1) {
+                v.fs = None;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Views open now (not dropped).
+    pub fn open_views(&self) -> usize {
         self.slots
             .lock()
-            .get(&slot)
-            .map(|v| v.fs.clone())
-            .ok_or(FsError::NotFound)
+            .values()
+            .filter(|v| v.fs.is_some())
+            .count()
+    }
+
+    /// Drops idle views every few seconds, for as long as `views` lives.
+    pub fn start_reaper(views: &Arc<Views>, idle: Duration) {
+        let weak = Arc::downgrade(views);
+        let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+        let _ = std::thread::Builder::new()
+            .name("snapfs-views".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                let Some(v) = weak.upgrade() else { return };
+                let n = v.drop_idle(idle);
+                if n > 0 {
+                    log::info!("dropped {n} unused snapshot views");
+                }
+            });
     }
 
     /// Forgets the view of a deleted snapshot (its inode numbers then answer ENOENT).

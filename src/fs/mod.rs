@@ -7,13 +7,14 @@
 //! locks). Full chunks are hashed, compressed and committed by background sealer threads
 //! (one chunk index always on the same thread, so in order) while the writer goes on; partial chunks are sealed inline by flush and fsync.
 
+mod cache;
 mod check;
 mod data;
 mod ns;
 mod snap;
 mod txn;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use crate::engine::{Cf, Engine};
 use crate::error::{FsError, Result};
 use crate::inode::{Attr, Time};
 use crate::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
+pub use cache::{ChunkCache, DEFAULT_CACHE_BYTES};
 
 pub use check::CheckReport;
 pub use data::{Handle, ReadBuf, MAX_FILE_SIZE};
@@ -130,36 +132,6 @@ struct OpenEntry {
     users: usize,
 }
 
-/// A small cache of verified, decompressed chunks: a 1 MiB chunk is read by several
-/// 128 KiB kernel requests, and must be decompressed and verified only once.
-/// A chunk being loaded by one thread; others wait on the lock for its result.
-type LoadSlot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
-
-struct ChunkCache {
-    entries: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
-    /// Chunks being loaded: waiters block on the inner lock (single flight).
-    loading: Mutex<HashMap<ChunkId, LoadSlot>>,
-}
-
-const CACHE_ENTRIES: usize = 16;
-
-impl ChunkCache {
-    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        let mut e = self.entries.lock();
-        let pos = e.iter().position(|(k, _)| k == id)?;
-        let hit = e.remove(pos)?;
-        let data = hit.1.clone();
-        e.push_front(hit);
-        Some(data)
-    }
-
-    fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
-        let mut e = self.entries.lock();
-        e.push_front((id, data));
-        e.truncate(CACHE_ENTRIES);
-    }
-}
-
 /// Epochs read by live views (snapshot browsing, restore, diff): epoch -> number of views.
 /// Version GC retains them like snapshot epochs, so a view never reads another epoch's bytes.
 pub(crate) type Pins = Arc<Mutex<BTreeMap<u64, usize>>>;
@@ -191,7 +163,8 @@ pub struct Fs {
     view: Option<u64>,
     meta: Mutex<MetaState>,
     open: Mutex<HashMap<u64, OpenEntry>>,
-    cache: ChunkCache,
+    /// Decoded chunks: one cache shared by the live instance and all its views.
+    cache: Arc<ChunkCache>,
     /// Queue of the background sealer (absent until `start_sealer`; sealing is then inline).
     sealer: std::sync::OnceLock<Vec<crossbeam_channel::Sender<data::SealJob>>>,
     /// Serializes garbage-collection passes (each reference is dropped once).
@@ -228,6 +201,16 @@ fn counter(eng: &Engine, name: &str) -> Result<Option<u64>> {
 impl Fs {
     /// Opens the filesystem on an engine. Creates the root directory on a new store.
     pub fn new(eng: Engine, chunk_size: usize, creator: Creds) -> Result<Fs> {
+        Fs::with_cache(eng, chunk_size, creator, DEFAULT_CACHE_BYTES)
+    }
+
+    /// `new`, with a decoded-chunk cache of `cache_bytes` shared by the instance and its views.
+    pub fn with_cache(
+        eng: Engine,
+        chunk_size: usize,
+        creator: Creds,
+        cache_bytes: usize,
+    ) -> Result<Fs> {
         let epoch = counter(&eng, "epoch")?.unwrap_or(FIRST_EPOCH);
         let next_ino = counter(&eng, "next_ino")?.unwrap_or(ROOT_INO + 1);
         let counters = Counters {
@@ -244,6 +227,7 @@ impl Fs {
             MetaState { next_ino, counters },
             Pins::default(),
             None,
+            Arc::new(ChunkCache::new(cache_bytes)),
         );
         if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
             let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
@@ -260,6 +244,7 @@ impl Fs {
     }
 
     /// The one place that lists every field: the live instance and views both come here.
+    #[allow(clippy::too_many_arguments)] // one argument per field a caller decides
     fn assemble(
         eng: Arc<Engine>,
         chunk_size: usize,
@@ -268,6 +253,7 @@ impl Fs {
         meta: MetaState,
         pins: Pins,
         pin: Option<Pin>,
+        cache: Arc<ChunkCache>,
     ) -> Fs {
         Fs {
             eng,
@@ -276,10 +262,7 @@ impl Fs {
             view,
             meta: Mutex::new(meta),
             open: Mutex::new(HashMap::new()),
-            cache: ChunkCache {
-                entries: Mutex::new(VecDeque::new()),
-                loading: Mutex::new(HashMap::new()),
-            },
+            cache,
             sealer: std::sync::OnceLock::new(),
             gc_lock: Mutex::new(()),
             background: Mutex::new(Vec::new()),
@@ -316,6 +299,7 @@ impl Fs {
             meta,
             self.pins.clone(),
             Some(pin),
+            self.cache.clone(),
         )
     }
 
@@ -325,6 +309,11 @@ impl Fs {
         let _meta = self.meta.lock();
         let s = self.snapshot_get(name)?;
         Ok(self.view_locked(s.epoch))
+    }
+
+    /// The decoded-chunk cache (shared with every view).
+    pub fn chunk_cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
     }
 
     /// Epochs pinned by live views.
