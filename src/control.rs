@@ -105,15 +105,41 @@ impl Server {
         let path = socket_path(&ctx.store_dir);
         // The store lock is held, so a socket file left here belongs to a dead daemon.
         let _ = std::fs::remove_file(&path);
+        // Created under umask 077 (set by the binary; again here for library users), so the
+        // socket is 0600 from the moment it exists, not only after the chmod below.
+        let old = crate::sys::set_umask(0o077);
         let listener = UnixListener::bind(&path)
-            .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
+            .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()));
+        crate::sys::set_umask(old);
+        let listener = listener?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
         std::thread::Builder::new()
             .name("snapfs-control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
+                    let Ok(mut conn) = conn else { continue };
+                    // The socket is 0600 in a 0700 directory; the peer's credentials are
+                    // checked too, so that a mode changed by mistake gives nothing away.
+                    let me = crate::sys::geteuid();
+                    match crate::sys::peer_uid(&conn) {
+                        Ok(uid) if uid == me || uid == 0 => {}
+                        Ok(uid) => {
+                            log::warn!("control socket: refused a connection from uid {uid}");
+                            let _ = send(
+                                &mut conn,
+                                &Response::fail(format!(
+                                    "permission denied: this daemon's control socket accepts \
+                                     only uid {me} and root, not uid {uid}"
+                                )),
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            log::warn!("control socket: cannot read the peer's credentials: {e}");
+                            continue;
+                        }
+                    }
                     let ctx = ctx.clone();
                     let _ = std::thread::Builder::new()
                         .name("snapfs-control-conn".into())

@@ -418,6 +418,10 @@ fn usage_line(rendered: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    // A store holds every file's contents: whatever the caller's umask, everything snapfs and
+    // RocksDB create is owner-only (modes inside the mounted filesystem are not affected:
+    // they come from each request's mode and umask).
+    snapfs::sys::set_umask(0o077);
     let cli = match parse_cli() {
         Ok(c) => c,
         Err(code) => return code,

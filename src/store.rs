@@ -1,14 +1,19 @@
 //! A store directory: its lock, its engine, its superblock.
 //!
 //! ```text
-//! STORE_DIR/
+//! STORE_DIR/       mode 0700, owned by the user who runs snapfs on it
 //!   snapfs.lock    exclusive flock held by the one process that has the store open; holds its pid
 //!   db/            RocksDB (column families `meta` and `chunks`)
 //!   control.sock   the running daemon's control socket (mode 0600)
 //! ```
+//!
+//! Every file in it is owner-only: the binary runs with umask 077 (RocksDB has no file-mode
+//! option and creates files for the life of the process), and `check_private` refuses a store
+//! that others can write and tightens one that others can read.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,6 +53,7 @@ fn lock(dir: &Path) -> Result<File, String> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let locked = crate::sys::try_lock_exclusive(&f)
@@ -71,6 +77,72 @@ fn lock(dir: &Path) -> Result<File, String> {
     Ok(f)
 }
 
+/// The store holds every file's contents, so it is as private as the most private of them:
+/// the directory is 0700 and owned by the user opening it (or by root, for root), and no
+/// one else may write it (who can write it can swap RocksDB's files for symlinks that the
+/// daemon would then write through). A store left readable by others (older snapfs created
+/// it 0755) is tightened, with its `db/` and the files in it, and the log says so.
+fn check_private(dir: &Path) -> Result<(), String> {
+    let md = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot stat store {}: {e}", dir.display()))?;
+    let me = crate::sys::geteuid();
+    if md.uid() != me {
+        return Err(format!(
+            "store {} is owned by uid {}, not by uid {me} who is opening it; refusing, \
+             because its owner could redirect the daemon's writes (chown -R {me} {} to take \
+             it over)",
+            dir.display(),
+            md.uid(),
+            dir.display()
+        ));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "store {} can be written by other users (mode {:o}); refusing to open it. \
+             Run chmod 700 {} if no one else has changed it",
+            dir.display(),
+            md.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    if md.mode() & 0o077 != 0 {
+        log::warn!(
+            "store {} was readable by other users (mode {:o}); making it and its database \
+             owner-only",
+            dir.display(),
+            md.mode() & 0o7777
+        );
+        tighten(dir, 0o700)?;
+        let db = dir.join("db");
+        if db.is_dir() {
+            tighten(&db, 0o700)?;
+            for e in std::fs::read_dir(&db)
+                .map_err(|e| format!("cannot read {}: {e}", db.display()))?
+                .flatten()
+            {
+                let p = e.path();
+                match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_file() => tighten(&p, 0o600)?,
+                    Ok(m) if m.is_dir() => tighten(&p, 0o700)?,
+                    _ => {}
+                }
+            }
+        }
+        for name in ["snapfs.lock", "control.sock"] {
+            let p = dir.join(name);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.file_type().is_symlink()) {
+                tighten(&p, 0o600)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tighten(p: &Path, mode: u32) -> Result<(), String> {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot restrict {}: {e}", p.display()))
+}
+
 impl Store {
     /// Opens (and with `create`, creates) the store in `dir`. `chunk_size` applies only to a
     /// new store; an existing store keeps the chunk size it was created with.
@@ -79,7 +151,13 @@ impl Store {
             if !create {
                 return Err(format!("store {} does not exist", dir.display()));
             }
-            std::fs::create_dir_all(dir)
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| format!("cannot create store {}: {e}", dir.display()))?;
         }
         if !dir.is_dir() {
@@ -104,6 +182,7 @@ impl Store {
         let dir = dir
             .canonicalize()
             .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+        check_private(&dir)?;
         let lock = lock(&dir)?;
         let eng = Engine::open(&dir.join("db"))?;
         let chunk_size = match read_super(&eng)? {
