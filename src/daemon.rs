@@ -66,8 +66,17 @@ fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::
             if Arc::strong_count(&ctx) == 1 {
                 return; // the daemon is shutting down
             }
-            let name = crate::retention::auto_name(crate::inode::Time::now().secs);
-            match crate::ops::snapshot_create(&ctx, &name, false) {
+            let existing: Vec<String> = match ctx.fs.snapshot_list() {
+                Ok(l) => l.into_iter().map(|s| s.name).collect(),
+                Err(e) => {
+                    log::error!("automatic snapshot: cannot list snapshots: {e}");
+                    continue;
+                }
+            };
+            let name = crate::retention::unique_auto_name(crate::inode::Time::now().secs, |n| {
+                existing.iter().any(|e| e == n)
+            });
+            match crate::ops::snapshot_create_as(&ctx, &name, false, true) {
                 Ok(m) => log::info!("{m}"),
                 Err(e) => log::error!("automatic snapshot failed: {e}"),
             }
@@ -77,12 +86,7 @@ fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::
             let Ok(list) = ctx.fs.snapshot_list() else {
                 continue;
             };
-            let autos: Vec<(String, i64)> = list
-                .into_iter()
-                .filter(|s| s.name.starts_with("auto-"))
-                .map(|s| (s.name, s.created))
-                .collect();
-            for name in crate::retention::select(&autos, &keep).1 {
+            for name in crate::retention::automatic_victims(&list, &keep) {
                 match crate::ops::snapshot_delete(&ctx, &name) {
                     Ok(m) => log::info!("retention: {m}"),
                     Err(e) => log::warn!("retention: {e}"),

@@ -299,9 +299,13 @@ fn prune(target: &Path, policy: &Policy, dry_run: bool) -> Result<(), String> {
     let rows = checked(run(target, Request::SnapshotList)?)?
         .snapshots
         .unwrap_or_default();
-    let list: Vec<(String, i64)> = rows
+    let list: Vec<retention::Candidate> = rows
         .iter()
-        .map(|r| (r.name.clone(), r.created_unix))
+        .map(|r| retention::Candidate {
+            name: r.name.clone(),
+            id: r.id,
+            created: r.created_unix,
+        })
         .collect();
     let (keep, gone) = retention::select(&list, policy);
     for k in &keep {

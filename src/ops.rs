@@ -33,6 +33,9 @@ pub struct SnapshotRow {
     /// UTC, RFC 3339.
     pub created: String,
     pub created_unix: i64,
+    /// Taken by `mount --snapshot-every` (automatic retention deletes only these).
+    #[serde(default)]
+    pub automatic: bool,
     pub logical_bytes: u64,
     /// Bytes referenced by no other snapshot and not by the live tree: freed if deleted.
     pub unique_bytes: u64,
@@ -80,15 +83,28 @@ fn fs_err(what: &str, e: FsError) -> String {
 }
 
 pub fn snapshot_create(ctx: &Ctx, name: &str, durable: bool) -> Result<String, String> {
+    snapshot_create_as(ctx, name, durable, false)
+}
+
+/// `snapshot_create`; `automatic` marks the daemon's own (the only ones its retention deletes).
+pub fn snapshot_create_as(
+    ctx: &Ctx,
+    name: &str,
+    durable: bool,
+    automatic: bool,
+) -> Result<String, String> {
     check_snapshot_name(name)?;
     let t = Instant::now();
     if let Some(m) = &ctx.mountpoint {
         writeback_barrier(ctx, m)?;
     }
-    let info = ctx.fs.snapshot_create(name, durable).map_err(|e| match e {
-        FsError::Exists => format!("snapshot {name:?} already exists"),
-        e => fs_err("cannot create the snapshot", e),
-    })?;
+    let info = ctx
+        .fs
+        .snapshot_create_as(name, durable, automatic)
+        .map_err(|e| match e {
+            FsError::Exists => format!("snapshot {name:?} already exists"),
+            e => fs_err("cannot create the snapshot", e),
+        })?;
     Ok(format!(
         "created snapshot {} (id {}) in {:.1} ms",
         info.name,
@@ -158,6 +174,7 @@ pub fn snapshot_rows(ctx: &Ctx) -> Result<Vec<SnapshotRow>, String> {
                 created_unix: s.created,
                 id: s.epoch,
                 name: s.name,
+                automatic: s.automatic,
                 logical_bytes: logical,
                 unique_bytes: unique,
             }
@@ -392,6 +409,20 @@ pub fn rollback(ctx: &Ctx, name: &str, destroy_newer: bool) -> Result<String, St
         .filter(|s| s.epoch > target.epoch)
         .map(|s| s.name)
         .collect();
+    if destroy_newer && newer.iter().any(|n| ctx.views.is_mounted(n)) {
+        let busy: Vec<String> = ctx
+            .snap_mounts
+            .lock()
+            .iter()
+            .filter(|(n, _)| newer.contains(n))
+            .map(|(n, p)| format!("{n} at {}", p.display()))
+            .collect();
+        return Err(format!(
+            "--destroy-newer would delete mounted snapshots ({}); unmount them first \
+             (snapfs umount MOUNTPOINT)",
+            busy.join(", ")
+        ));
+    }
     let r = ctx.fs.rollback(name, destroy_newer).map_err(|e| match e {
         FsError::Busy => "files are open on this store; close them first".to_string(),
         e => fs_err("rollback failed", e),

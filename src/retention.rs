@@ -1,7 +1,12 @@
-//! Which snapshots a `--keep-*` policy keeps (restic's `forget` semantics): `last N` keeps the
-//! N newest; `hourly N` keeps the newest snapshot of each of the N newest hours that have one;
-//! likewise daily and weekly (ISO weeks, UTC). A snapshot kept by any rule is kept.
+//! Which snapshots a `--keep-*` policy keeps (restic's `forget` semantics, ordered by id):
+//! "newest" always means the highest snapshot id (the epoch, which only grows), never the
+//! wall clock, which can be set back or run fast. `last N` keeps the N highest ids; `hourly N`
+//! walks the snapshots from the highest id down and keeps the first one met in each hour
+//! (of its creation time, UTC) until N hours have one; likewise daily and weekly (ISO weeks,
+//! UTC). A snapshot kept by any rule is kept; the newest snapshot is kept by every non-empty
+//! policy, so one just taken is never deleted, whatever its time says.
 
+use crate::fs::SnapshotInfo;
 use crate::ops::utc;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -18,11 +23,21 @@ impl Policy {
     }
 }
 
-/// (name, created unix seconds) in any order -> names to keep, names to delete.
-pub fn select(snapshots: &[(String, i64)], p: &Policy) -> (Vec<String>, Vec<String>) {
-    let mut sorted: Vec<&(String, i64)> = snapshots.iter().collect();
-    // Newest first; the name breaks ties so the result does not depend on input order.
-    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+/// One snapshot as retention sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    /// The snapshot id (epoch): the order of creation.
+    pub id: u64,
+    /// Creation time, Unix seconds: used only to put snapshots into hours, days and weeks.
+    pub created: i64,
+}
+
+/// Candidates in any order -> names to keep, names to delete (each newest first, by id).
+pub fn select(snapshots: &[Candidate], p: &Policy) -> (Vec<String>, Vec<String>) {
+    let mut sorted: Vec<&Candidate> = snapshots.iter().collect();
+    // Newest (highest id) first; ids are unique.
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.id));
     let mut keep = vec![false; sorted.len()];
     for k in keep.iter_mut().take(p.last) {
         *k = true;
@@ -39,7 +54,7 @@ pub fn select(snapshots: &[(String, i64)], p: &Policy) -> (Vec<String>, Vec<Stri
             if seen.len() >= n {
                 break;
             }
-            let b = bucket(s.1);
+            let b = bucket(s.created);
             if !seen.contains(&b) {
                 seen.push(b);
                 keep[i] = true;
@@ -50,12 +65,40 @@ pub fn select(snapshots: &[(String, i64)], p: &Policy) -> (Vec<String>, Vec<Stri
     let mut gone = Vec::new();
     for (i, s) in sorted.iter().enumerate() {
         if keep[i] {
-            kept.push(s.0.clone());
+            kept.push(s.name.clone());
         } else {
-            gone.push(s.0.clone());
+            gone.push(s.name.clone());
         }
     }
     (kept, gone)
+}
+
+/// What the daemon's automatic retention deletes: only snapshots it took itself (recorded in
+/// the snapshot record), never a manual one, whatever its name.
+pub fn automatic_victims(list: &[SnapshotInfo], p: &Policy) -> Vec<String> {
+    let autos: Vec<Candidate> = list
+        .iter()
+        .filter(|s| s.automatic)
+        .map(|s| Candidate {
+            name: s.name.clone(),
+            id: s.epoch,
+            created: s.created,
+        })
+        .collect();
+    select(&autos, p).1
+}
+
+/// A name for an automatic snapshot at `t` that no snapshot has yet: `auto-<UTC time>`, with
+/// `-2`, `-3`... appended when that is taken (two in one second, or the clock set back).
+pub fn unique_auto_name(t: i64, exists: impl Fn(&str) -> bool) -> String {
+    let base = auto_name(t);
+    if !exists(&base) {
+        return base;
+    }
+    (2u64..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !exists(n))
+        .expect("an unused suffix exists")
 }
 
 /// A number identifying the ISO week (Monday start) of a timestamp.
@@ -94,8 +137,127 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 mod tests {
     use super::*;
 
-    fn snaps(times: &[i64]) -> Vec<(String, i64)> {
-        times.iter().map(|t| (format!("s{t}"), *t)).collect()
+    /// Snapshots taken in the order given (ids 1, 2, ...), at the given times.
+    fn snaps(times: &[i64]) -> Vec<Candidate> {
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Candidate {
+                name: format!("s{t}"),
+                id: i as u64 + 1,
+                created: *t,
+            })
+            .collect()
+    }
+
+    fn named(list: &[(&str, i64)]) -> Vec<Candidate> {
+        list.iter()
+            .enumerate()
+            .map(|(i, (n, t))| Candidate {
+                name: n.to_string(),
+                id: i as u64 + 1,
+                created: *t,
+            })
+            .collect()
+    }
+
+    fn last(n: usize) -> Policy {
+        Policy {
+            last: n,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn clock_set_back_keeps_the_snapshot_just_taken() {
+        let h = 3600;
+        // Four hourly snapshots, then the clock is set back a day.
+        let s = named(&[
+            ("a", 100 * h),
+            ("b", 101 * h),
+            ("c", 102 * h),
+            ("d", 103 * h),
+            ("new", 79 * h),
+        ]);
+        for p in [
+            last(1),
+            Policy {
+                hourly: 2,
+                ..Default::default()
+            },
+            Policy {
+                daily: 1,
+                ..Default::default()
+            },
+            Policy {
+                weekly: 1,
+                ..Default::default()
+            },
+        ] {
+            let (k, _) = select(&s, &p);
+            assert_eq!(k.first().map(String::as_str), Some("new"), "{p:?}");
+        }
+        let (k, g) = select(
+            &s,
+            &Policy {
+                hourly: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(k, vec!["new", "d"]);
+        assert_eq!(g, vec!["c", "b", "a"]);
+    }
+
+    #[test]
+    fn a_snapshot_from_a_fast_clock_does_not_displace_newer_ones() {
+        let d = 86400;
+        let s = named(&[("old", 1000), ("fast", 1000 + d), ("newest", 1060)]);
+        let (k, g) = select(&s, &last(1));
+        assert_eq!(k, vec!["newest"]);
+        assert_eq!(g, vec!["fast", "old"]);
+    }
+
+    #[test]
+    fn same_second_is_ordered_by_id_not_name() {
+        let s = named(&[("zz-first", 5000), ("aa-second", 5000)]);
+        let (k, g) = select(&s, &last(1));
+        assert_eq!(k, vec!["aa-second"]);
+        assert_eq!(g, vec!["zz-first"]);
+        // The input order does not matter.
+        let mut r = s.clone();
+        r.reverse();
+        assert_eq!(select(&r, &last(1)).0, vec!["aa-second"]);
+    }
+
+    #[test]
+    fn automatic_retention_never_deletes_a_manual_snapshot() {
+        let info = |name: &str, epoch: u64, automatic: bool| SnapshotInfo {
+            name: name.to_string(),
+            epoch,
+            created: epoch as i64 * 60,
+            created_nanos: 0,
+            automatic,
+        };
+        let list = vec![
+            info("auto-by-hand", 1, false),
+            info("auto-1970-01-01T00:02:00Z", 2, true),
+            info("manual", 3, false),
+            info("auto-1970-01-01T00:04:00Z", 4, true),
+        ];
+        assert_eq!(
+            automatic_victims(&list, &last(1)),
+            vec!["auto-1970-01-01T00:02:00Z"]
+        );
+    }
+
+    #[test]
+    fn auto_names_are_unique() {
+        let taken = ["auto-1970-01-01T00:00:00Z", "auto-1970-01-01T00:00:00Z-2"];
+        assert_eq!(
+            unique_auto_name(0, |n| taken.contains(&n)),
+            "auto-1970-01-01T00:00:00Z-3"
+        );
+        assert_eq!(unique_auto_name(1, |n| taken.contains(&n)), auto_name(1));
     }
 
     #[test]

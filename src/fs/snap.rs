@@ -26,6 +26,9 @@ pub struct SnapshotInfo {
     /// Creation time, seconds since the Unix epoch.
     pub created: i64,
     pub created_nanos: u32,
+    /// Taken by the daemon's automatic snapshots (`mount --snapshot-every`): the only ones
+    /// its retention may delete.
+    pub automatic: bool,
 }
 
 /// Snapshot names: 1..=200 bytes of printable UTF-8, no `/`, not `.` or `..`.
@@ -48,19 +51,24 @@ pub fn check_snapshot_name(name: &str) -> std::result::Result<(), String> {
 }
 
 fn encode_snapshot(s: &SnapshotInfo) -> Vec<u8> {
-    let mut v = Vec::with_capacity(20);
+    let mut v = Vec::with_capacity(21);
     v.extend_from_slice(&s.epoch.to_le_bytes());
     v.extend_from_slice(&s.created.to_le_bytes());
     v.extend_from_slice(&s.created_nanos.to_le_bytes());
+    v.push(if s.automatic { SNAP_AUTOMATIC } else { 0 });
     v
 }
 
+/// Flag bit of the snapshot record's byte 20 (absent in records of earlier builds: manual).
+const SNAP_AUTOMATIC: u8 = 1;
+
 fn decode_snapshot(name: &[u8], v: &[u8]) -> Option<SnapshotInfo> {
-    (v.len() == 20).then(|| SnapshotInfo {
+    (v.len() >= 20).then(|| SnapshotInfo {
         name: String::from_utf8_lossy(name).into_owned(),
         epoch: keys::le_u64(v),
         created: keys::le_u64(&v[8..]) as i64,
         created_nanos: keys::le_u32(&v[16..]),
+        automatic: v.get(20).is_some_and(|f| f & SNAP_AUTOMATIC != 0),
     })
 }
 
@@ -127,6 +135,16 @@ impl Fs {
     /// survives power loss; otherwise that fsync starts in the background at once, because it
     /// writes back every unsynced byte a streaming writer produced and can take seconds.
     pub fn snapshot_create(&self, name: &str, durable: bool) -> Result<SnapshotInfo> {
+        self.snapshot_create_as(name, durable, false)
+    }
+
+    /// `snapshot_create`, recording whether automatic snapshotting took it.
+    pub fn snapshot_create_as(
+        &self,
+        name: &str,
+        durable: bool,
+        automatic: bool,
+    ) -> Result<SnapshotInfo> {
         check_snapshot_name(name).map_err(|_| FsError::Invalid)?;
         self.write_epoch()?;
         let key = keys::snapshot_key(name.as_bytes());
@@ -152,6 +170,7 @@ impl Fs {
             epoch: e,
             created: now.secs,
             created_nanos: now.nanos,
+            automatic,
         };
         let mut b = Batch::new();
         self.eng
@@ -421,23 +440,27 @@ impl Fs {
     /// from the snapshot's gets the snapshot's version (or a deletion) at the live epoch.
     /// O(metadata). Snapshots newer than `name` stay unless `destroy_newer`. Requires that no
     /// file is open (the daemon must not be serving the store), so no cached state goes stale.
+    ///
+    /// Atomic: every change, the deletion of the newer snapshots included, goes into one
+    /// batch written with sync, so a crash leaves either the old live tree or the snapshot's
+    /// (RocksDB applies a batch whole or not at all; a batch of 100,000 records is tens of
+    /// MB, well within what it takes). A file that was open but unlinked when the snapshot was
+    /// taken comes back with nlink 0: it gets an orphan marker in the same batch and is freed
+    /// at once after the commit (or at the next open if the process dies first).
     pub fn rollback(&self, name: &str, destroy_newer: bool) -> Result<Rollback> {
         let target = self.snapshot_get(name)?;
         if !self.open.lock().is_empty() {
             return Err(FsError::Busy);
         }
         let mut out = Rollback::default();
-        if destroy_newer {
-            for s in self.snapshot_list()? {
-                if s.epoch > target.epoch {
-                    let mut b = Batch::new();
-                    self.eng
-                        .delete(&mut b, Cf::Meta, &keys::snapshot_key(s.name.as_bytes()));
-                    self.eng.write(b, true)?;
-                    out.snapshots_destroyed += 1;
-                }
-            }
-        }
+        let newer: Vec<SnapshotInfo> = if destroy_newer {
+            self.snapshot_list()?
+                .into_iter()
+                .filter(|s| s.epoch > target.epoch)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let gc = self.gc_lock.lock();
         let mut meta = self.lock_meta();
         struct Rec {
@@ -479,17 +502,31 @@ impl Fs {
             }
         }
         finish(cur.take(), &mut changes);
-        for part in changes.chunks(1024) {
-            let mut txn = Txn::new(self);
-            for c in part {
-                apply_rollback(&mut txn, &c.key, c.snap.as_deref())?;
-                out.records_changed += 1;
-            }
-            txn.commit(&mut meta, false)?;
+        let mut txn = Txn::new(self);
+        for s in &newer {
+            txn.del_raw(&keys::snapshot_key(s.name.as_bytes()));
+            out.snapshots_destroyed += 1;
         }
+        for c in &changes {
+            apply_rollback(&mut txn, &c.key, c.snap.as_deref())?;
+            out.records_changed += 1;
+            if c.key[0] == keys::P_INODE {
+                let ino = keys::be_u64(&c.key[1..9]);
+                let unlinked = c
+                    .snap
+                    .as_deref()
+                    .and_then(|v| Attr::decode(ino, &v[1..]))
+                    .is_some_and(|a| a.nlink == 0);
+                if unlinked {
+                    txn.set_orphan(ino);
+                }
+            }
+        }
+        fail::fail_point!("rollback-before-commit");
+        txn.commit(&mut meta, true)?;
         drop(meta);
         drop(gc);
-        self.eng.sync()?;
+        self.clean_orphans()?;
         self.gc_versions()?;
         self.collect_garbage()?;
         Ok(out)

@@ -164,6 +164,11 @@ impl<'a> Txn<'a> {
         self.bodies.insert(id, body);
     }
 
+    /// Deletes a key that no record cache knows about (a snapshot record).
+    pub fn del_raw(&mut self, key: &[u8]) {
+        self.fs.eng.delete(&mut self.batch, Cf::Meta, key);
+    }
+
     pub fn set_orphan(&mut self, ino: u64) {
         self.fs
             .eng
