@@ -349,7 +349,7 @@ fn restore_cannot_be_steered_outside_dest() {
     let mut hit = 0;
     for round in 0..rounds {
         let dest = t.path().join(format!("dest{round}"));
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "restore_attacker",

@@ -2,6 +2,7 @@
 //! symlinks, hard links, special files and xattrs are preserved. The tree is written by
 //! [`writer::TreeWriter`], which works on directory descriptors only (no path is resolved
 //! twice), from any [`Source`] of nodes: the core [`Fs`] here, backend data for `recover`.
+#![allow(clippy::type_complexity)]
 
 pub mod writer;
 

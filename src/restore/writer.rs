@@ -16,6 +16,7 @@
 //! - Names are untrusted: empty, `.`, `..`, or containing `/` or NUL are refused.
 
 #![allow(unsafe_code)]
+#![allow(clippy::type_complexity)]
 
 use std::collections::HashMap;
 use std::ffi::CString;
