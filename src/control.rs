@@ -51,6 +51,9 @@ pub enum Request {
         name: String,
         dest: PathBuf,
         path: Option<String>,
+        /// Replace entries that exist in DEST by the snapshot's (else a non-empty DEST is refused).
+        #[serde(default)]
+        overwrite: bool,
     },
     Check {
         #[serde(default)]
@@ -175,17 +178,18 @@ fn serve(conn: UnixStream, ctx: &ops::Ctx) {
             Err(e) => Response::fail(format!("bad request: {e}")),
             Ok(req) => {
                 let mut w = writer.try_clone().ok();
-                let mut progress = |msg: String| {
-                    if let Some(w) = w.as_mut() {
-                        let _ = send(
-                            w,
-                            &Response {
-                                ok: true,
-                                progress: Some(msg),
-                                ..Default::default()
-                            },
-                        );
-                    }
+                // Returns false once the client is gone (the write fails with EPIPE; the
+                // daemon ignores SIGPIPE), so a long operation such as restore stops.
+                let mut progress = |msg: String| match w.as_mut() {
+                    Some(w) => send(
+                        w,
+                        &Response {
+                            ok: true,
+                            progress: Some(msg),
+                            ..Default::default()
+                        },
+                    ),
+                    None => true,
                 };
                 ops::handle(ctx, req, &mut progress)
             }

@@ -133,9 +133,14 @@ enum Cmd {
         target: PathBuf,
         name: String,
         dest: PathBuf,
-        /// Restore only this path inside the snapshot.
+        /// Restore only this path inside the snapshot. A file goes to DEST/NAME if DEST is an
+        /// existing directory, else to DEST itself.
         #[arg(long)]
         path: Option<String>,
+        /// Restore into a non-empty DEST, replacing existing entries by the snapshot's
+        /// (entries that are not in the snapshot are kept).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -191,7 +196,10 @@ fn run(target: &Path, req: Request) -> Result<Response, String> {
         mountpoint: None,
         snap_mounts: Default::default(),
     };
-    let resp = ops::handle(&ctx, req, &mut |p| eprintln!("{p}"));
+    let resp = ops::handle(&ctx, req, &mut |p| {
+        eprintln!("{p}");
+        true
+    });
     store
         .fs
         .shutdown()
@@ -491,11 +499,16 @@ fn main() -> ExitCode {
             name,
             dest,
             path,
+            overwrite,
         } => {
             let dest = std::path::absolute(&dest).unwrap_or(dest);
-            run(&target, Request::Restore { name, dest, path })
-                .and_then(checked)
-                .map(print_message)
+            let req = Request::Restore {
+                name,
+                dest,
+                path,
+                overwrite,
+            };
+            run(&target, req).and_then(checked).map(print_message)
         }
     };
     match r {

@@ -367,7 +367,8 @@ pub fn restore(
     name: &str,
     dest: &std::path::Path,
     path: Option<&str>,
-    progress: &mut dyn FnMut(String),
+    overwrite: bool,
+    progress: &mut dyn FnMut(String) -> bool,
 ) -> Result<String, String> {
     // The view pins the snapshot's epoch: deleting the snapshot meanwhile (by hand or by a
     // retention prune) cannot change a byte this restore reads.
@@ -376,7 +377,7 @@ pub fn restore(
         e => fs_err("cannot read snapshot", e),
     })?;
     let t = Instant::now();
-    let st = crate::restore::restore(&view, path, dest, progress)?;
+    let st = crate::restore::restore(&view, path, dest, overwrite, progress)?;
     let secs = t.elapsed().as_secs_f64();
     Ok(format!(
         "restored {} files, {} directories, {} hard links, {} bytes to {} in {:.2} s ({:.0} MiB/s)",
@@ -438,7 +439,8 @@ pub fn rollback(ctx: &Ctx, name: &str, destroy_newer: bool) -> Result<String, St
     ))
 }
 
-pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Response {
+/// `progress` gets intermediate lines and returns false when the requester went away.
+pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String) -> bool) -> Response {
     let msg = |r: Result<String, String>| match r {
         Ok(m) => Response {
             ok: true,
@@ -494,9 +496,19 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String)) -> Resp
             name,
             destroy_newer,
         } => msg(rollback(ctx, &name, destroy_newer)),
-        Request::Restore { name, dest, path } => {
-            msg(restore(ctx, &name, &dest, path.as_deref(), progress))
-        }
+        Request::Restore {
+            name,
+            dest,
+            path,
+            overwrite,
+        } => msg(restore(
+            ctx,
+            &name,
+            &dest,
+            path.as_deref(),
+            overwrite,
+            progress,
+        )),
         Request::Check { verify_data } => match ctx.fs.check(verify_data) {
             Ok(r) => Response {
                 ok: true,

@@ -359,7 +359,7 @@ fn restorer(sh: Arc<Shared>, dir: std::path::PathBuf, seed: u64) {
         };
         n += 1;
         let dest = dir.join(format!("r{n}"));
-        if let Err(e) = snapfs::restore::restore(&view, None, &dest, &mut |_| {}) {
+        if let Err(e) = snapfs::restore::restore(&view, None, &dest, false, &mut |_| true) {
             return sh.fail(format!("restore {name}: {e}"));
         }
         for (slot, want) in states.iter().enumerate() {
