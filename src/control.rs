@@ -121,28 +121,7 @@ impl Server {
             .name("snapfs-control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
-                    let Ok(mut conn) = conn else { continue };
-                    // The socket is 0600 in a 0700 directory; the peer's credentials are
-                    // checked too, so that a mode changed by mistake gives nothing away.
-                    let me = crate::sys::geteuid();
-                    match crate::sys::peer_uid(&conn) {
-                        Ok(uid) if uid == me || uid == 0 => {}
-                        Ok(uid) => {
-                            log::warn!("control socket: refused a connection from uid {uid}");
-                            let _ = send(
-                                &mut conn,
-                                &Response::fail(format!(
-                                    "permission denied: this daemon's control socket accepts \
-                                     only uid {me} and root, not uid {uid}"
-                                )),
-                            );
-                            continue;
-                        }
-                        Err(e) => {
-                            log::warn!("control socket: cannot read the peer's credentials: {e}");
-                            continue;
-                        }
-                    }
+                    let Ok(conn) = conn else { continue };
                     let ctx = ctx.clone();
                     let _ = std::thread::Builder::new()
                         .name("snapfs-control-conn".into())
@@ -166,7 +145,39 @@ fn send(w: &mut UnixStream, r: &Response) -> bool {
     w.write_all(&out).is_ok()
 }
 
-fn serve(conn: UnixStream, ctx: &ops::Ctx) {
+/// The socket is 0600 in a 0700 directory; the peer's credentials are checked too, so that
+/// a mode widened by mistake gives nothing away. A refused client is answered after its
+/// request line has been read, so that it sees the refusal rather than a broken pipe.
+fn peer_allowed(conn: &mut UnixStream) -> bool {
+    let me = crate::sys::geteuid();
+    let uid = match crate::sys::peer_uid(conn) {
+        Ok(uid) if uid == me || uid == 0 => return true,
+        Ok(uid) => uid,
+        Err(e) => {
+            log::warn!("control socket: cannot read the peer's credentials: {e}");
+            return false;
+        }
+    };
+    log::warn!("control socket: refused a connection from uid {uid}");
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    if let Ok(c) = conn.try_clone() {
+        let mut line = String::new();
+        let _ = BufReader::new(c).read_line(&mut line);
+    }
+    let _ = send(
+        conn,
+        &Response::fail(format!(
+            "permission denied: this daemon's control socket accepts only uid {me} and root, \
+             not uid {uid}"
+        )),
+    );
+    false
+}
+
+fn serve(mut conn: UnixStream, ctx: &ops::Ctx) {
+    if !peer_allowed(&mut conn) {
+        return;
+    }
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -232,16 +243,25 @@ pub fn call(
         .map_err(|e| format!("control socket: {e}"))?;
     let mut msg = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     msg.push(b'\n');
-    w.write_all(&msg)
-        .map_err(|e| format!("cannot send to the daemon: {e}"))?;
+    // If the send fails, the daemon may still have answered (a refusal): read it first.
+    let sent = w.write_all(&msg);
     let mut reader = BufReader::new(conn);
     loop {
         let mut line = String::new();
-        let n = reader
-            .read_line(&mut line)
-            .map_err(|e| format!("no answer from the daemon: {e}"))?;
+        let n = match reader.read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) => {
+                return Err(match &sent {
+                    Err(s) => format!("cannot send to the daemon: {s}"),
+                    Ok(()) => format!("no answer from the daemon: {e}"),
+                })
+            }
+        };
         if n == 0 {
-            return Err("the daemon closed the connection without answering".into());
+            return Err(match &sent {
+                Err(s) => format!("cannot send to the daemon: {s}"),
+                Ok(()) => "the daemon closed the connection without answering".into(),
+            });
         }
         let resp: Response = serde_json::from_str(line.trim())
             .map_err(|e| format!("bad answer from the daemon: {e}"))?;
