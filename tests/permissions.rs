@@ -10,44 +10,21 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{bin, is_mounted, Mount};
+use common::{bin, Mount};
 
 const NOBODY: &str = "65534";
 const SECRET: &str = "snapfs-secret-7c1e0f9a-do-not-leak";
 
 /// Starts `snapfs mount STORE MNT` with the given umask.
 fn mount_with_umask(store: &Path, mnt: &Path, umask: &str) -> Mount {
-    std::fs::create_dir_all(mnt).unwrap();
-    let log = store.with_extension("log");
-    let logf = std::fs::File::create(&log).unwrap();
-    let child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(format!("umask {umask}; exec \"$0\" mount \"$1\" \"$2\""))
         .arg(bin())
         .arg(store)
-        .arg(mnt)
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .unwrap();
-    let mut m = Mount {
-        child: Some(child),
-        store: store.to_path_buf(),
-        mnt: mnt.canonicalize().unwrap(),
-        log,
-    };
-    let start = Instant::now();
-    while !is_mounted(&m.mnt) {
-        if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("snapfs mount exited with {st}: {}", m.log_tail());
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "mount timed out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    m
+        .arg(mnt);
+    Mount::spawn(cmd, store, mnt)
 }
 
 fn as_nobody(args: &[&str]) -> Output {

@@ -12,22 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bin, Mount, Rng};
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (success, out, err) = cli(args);
-    assert!(success, "snapfs {args:?} failed: {err}");
-    out
-}
+use common::{cli, ok, Mount, Rng};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

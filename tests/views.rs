@@ -13,22 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, Mount};
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (success, out, err) = cli(args);
-    assert!(success, "snapfs {args:?} failed: {err}");
-    out
-}
+use common::{bin, ok, Mount};
 
 fn rss_kib(pid: u32) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -9,6 +9,23 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_snapfs"))
 }
 
+/// Runs the snapfs CLI: (success, stdout, stderr).
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the snapfs CLI and fails the test if it fails; returns stdout.
+pub fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let (success, out, err) = cli(args);
+    assert!(success, "snapfs {args:?} failed: {err}");
+    out
+}
+
 /// Mount tests need /dev/fuse; without it they say so and return.
 #[macro_export]
 macro_rules! require_fuse {
@@ -45,6 +62,14 @@ impl Mount {
     }
 
     pub fn start_with(store: &Path, mnt: &Path, extra: &[&str]) -> Mount {
+        let mut cmd = Command::new(bin());
+        cmd.arg("mount").arg(store).arg(mnt).args(extra);
+        Self::spawn(cmd, store, mnt)
+    }
+
+    /// Starts `cmd` (a command that ends up running `snapfs mount STORE MNT ...`) and waits
+    /// for the mount to appear; its output goes to `STORE.log`.
+    pub fn spawn(mut cmd: Command, store: &Path, mnt: &Path) -> Mount {
         std::fs::create_dir_all(mnt).unwrap();
         let log = store.with_extension("log");
         let logf = std::fs::OpenOptions::new()
@@ -52,11 +77,7 @@ impl Mount {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(bin())
-            .arg("mount")
-            .arg(store)
-            .arg(mnt)
-            .args(extra)
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
