@@ -353,6 +353,10 @@ fn check(target: &Path, verify_data: bool, as_json: bool) -> Result<(), String> 
 }
 
 fn main() -> ExitCode {
+    // Owner-only files for the whole life of the process: RocksDB creates WAL, SST, blob and
+    // MANIFEST files with fixed modes as long as a store is open (docs/design.md, Security).
+    // Modes of files created through the mount come from each FUSE request, not from this.
+    snapfs::sys::tighten_umask();
     let cli = Cli::parse();
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
