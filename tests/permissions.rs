@@ -140,7 +140,11 @@ fn too_open(store: &Path) -> Vec<String> {
 
 /// This test process's umask (from /proc: umask(2) cannot read it without setting it).
 fn test_umask() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    umask_of("/proc/self/status")
+}
+
+fn umask_of(status: &str) -> u32 {
+    let status = std::fs::read_to_string(status).unwrap();
     let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
     u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
 }
@@ -319,6 +323,15 @@ fn new_store_is_owner_only(umask: u32) {
     assert!(
         store_holds(&store, marker.as_bytes()),
         "the test data is not in the store files (the read test would prove nothing)"
+    );
+    // The socket was bound by a process whose umask holds 077: born owner-only, no window
+    // between bind and chmod (the structural half of the guarantee; see the file comment).
+    let pid = m.child.as_ref().unwrap().id();
+    let daemon_umask = umask_of(&format!("/proc/{pid}/status"));
+    assert_eq!(
+        daemon_umask & 0o077,
+        0o077,
+        "the daemon runs with umask {daemon_umask:03o}"
     );
     let sock = store.join("control.sock");
     let sm = std::fs::symlink_metadata(&sock).unwrap();
