@@ -156,8 +156,8 @@ impl Store {
 /// Creates a new store directory 0700 (missing parents with the process umask, which the
 /// snapfs binary sets to 077). `make_private` then sets 0700 explicitly on its descriptor:
 /// no umask can widen it, and one that takes the owner's own bits away cannot lock the
-/// owner out.
-/// Returns false if someone else made it first (it is then checked like any other).
+/// owner out. Returns false if someone else made it first (it is then checked like any
+/// existing store).
 fn make_store_dir(dir: &Path) -> Result<bool, String> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
