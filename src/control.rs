@@ -1,5 +1,8 @@
-//! The control channel: the daemon answers CLI requests on `STORE/control.sock` (mode 0600),
-//! so the CLI never opens RocksDB while the daemon holds it. One JSON request per line; the
+//! The control channel: the daemon answers CLI requests on `STORE/control.sock` (mode 0600,
+//! in the 0700 store directory, bound under umask 077 so that it is never connectable by
+//! others, not even between bind and chmod; and every connection's peer uid is checked with
+//! SO_PEERCRED: only the daemon's own uid and root are served), so the CLI never opens
+//! RocksDB while the daemon holds it. One JSON request per line; the
 //! daemon answers with zero or more `{"progress": ...}` lines and one final response line.
 
 use std::io::{BufRead, BufReader, Write};
@@ -108,15 +111,15 @@ impl Server {
         let path = socket_path(&ctx.store_dir);
         // The store lock is held, so a socket file left here belongs to a dead daemon.
         let _ = std::fs::remove_file(&path);
-        // Created under umask 077 (set by the binary; again here for library users), so the
-        // socket is 0600 from the moment it exists, not only after the chmod below.
-        let old = crate::sys::set_umask(0o077);
+        // bind(2) creates the socket file with 0777 & ~umask: with 077 in the umask it is
+        // owner-only from the instant it exists (the binary sets it at start; this covers
+        // library callers, and only ever tightens).
+        crate::sys::tighten_umask();
         let listener = UnixListener::bind(&path)
-            .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()));
-        crate::sys::set_umask(old);
-        let listener = listener?;
+            .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+        let me = crate::sys::geteuid();
         std::thread::Builder::new()
             .name("snapfs-control".into())
             .spawn(move || {
@@ -125,7 +128,11 @@ impl Server {
                     let ctx = ctx.clone();
                     let _ = std::thread::Builder::new()
                         .name("snapfs-control-conn".into())
-                        .spawn(move || serve(conn, &ctx));
+                        .spawn(move || {
+                            if peer_allowed(&conn, me) {
+                                serve(conn, &ctx)
+                            }
+                        });
                 }
             })
             .map_err(|e| format!("cannot start control thread: {e}"))?;
@@ -139,45 +146,46 @@ impl Drop for Server {
     }
 }
 
+/// SO_PEERCRED: the uid that connected, checked on its own whatever the socket's mode (a
+/// socket file someone chmods 0666 still serves no one else). A refused peer gets one error
+/// response and the connection is closed.
+fn peer_allowed(conn: &UnixStream, me: u32) -> bool {
+    let (pid, uid) = match crate::sys::peer_cred(conn) {
+        Ok((pid, uid, _)) => (pid, uid),
+        Err(e) => {
+            log::warn!("refused a control connection: cannot read its credentials: {e}");
+            return false;
+        }
+    };
+    if uid == me || uid == 0 {
+        return true;
+    }
+    log::warn!("refused a control connection from uid {uid} (pid {pid})");
+    let who = match me {
+        0 => "root".to_string(),
+        n => format!("uid {n} and root"),
+    };
+    // Read the request line first, so the client sees the refusal, not a broken pipe.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    if let Ok(c) = conn.try_clone() {
+        let mut line = String::new();
+        let _ = BufReader::new(c).read_line(&mut line);
+    }
+    let mut w = conn;
+    let msg = format!("permission denied: the control socket accepts only {who}");
+    let mut out = serde_json::to_vec(&Response::fail(msg)).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out);
+    false
+}
+
 fn send(w: &mut UnixStream, r: &Response) -> bool {
     let mut out = serde_json::to_vec(r).unwrap_or_default();
     out.push(b'\n');
     w.write_all(&out).is_ok()
 }
 
-/// The socket is 0600 in a 0700 directory; the peer's credentials are checked too, so that
-/// a mode widened by mistake gives nothing away. A refused client is answered after its
-/// request line has been read, so that it sees the refusal rather than a broken pipe.
-fn peer_allowed(conn: &mut UnixStream) -> bool {
-    let me = crate::sys::geteuid();
-    let uid = match crate::sys::peer_uid(conn) {
-        Ok(uid) if uid == me || uid == 0 => return true,
-        Ok(uid) => uid,
-        Err(e) => {
-            log::warn!("control socket: cannot read the peer's credentials: {e}");
-            return false;
-        }
-    };
-    log::warn!("control socket: refused a connection from uid {uid}");
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-    if let Ok(c) = conn.try_clone() {
-        let mut line = String::new();
-        let _ = BufReader::new(c).read_line(&mut line);
-    }
-    let _ = send(
-        conn,
-        &Response::fail(format!(
-            "permission denied: this daemon's control socket accepts only uid {me} and root, \
-             not uid {uid}"
-        )),
-    );
-    false
-}
-
-fn serve(mut conn: UnixStream, ctx: &ops::Ctx) {
-    if !peer_allowed(&mut conn) {
-        return;
-    }
+fn serve(conn: UnixStream, ctx: &ops::Ctx) {
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,

@@ -430,10 +430,10 @@ fn usage_line(rendered: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    // A store holds every file's contents: whatever the caller's umask, everything snapfs and
-    // RocksDB create is owner-only (modes inside the mounted filesystem are not affected:
-    // they come from each request's mode and umask).
-    snapfs::sys::set_umask(0o077);
+    // Owner-only files for the whole life of the process: RocksDB creates WAL, SST, blob and
+    // MANIFEST files with fixed modes as long as a store is open (docs/design.md, Security).
+    // Modes of files created through the mount come from each FUSE request, not from this.
+    snapfs::sys::tighten_umask();
     let cli = match parse_cli() {
         Ok(c) => c,
         Err(code) => return code,

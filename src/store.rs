@@ -1,15 +1,16 @@
 //! A store directory: its lock, its engine, its superblock.
 //!
 //! ```text
-//! STORE_DIR/       mode 0700, owned by the user who runs snapfs on it
-//!   snapfs.lock    exclusive flock held by the one process that has the store open; holds its pid
-//!   db/            RocksDB (column families `meta` and `chunks`)
-//!   control.sock   the running daemon's control socket (mode 0600)
+//! STORE_DIR/       0700, owned by the user running snapfs (or root)
+//!   snapfs.lock    0600; exclusive flock held by the one process that has the store open; its pid
+//!   db/            0700; RocksDB (column families `meta` and `chunks`), files 0600
+//!   control.sock   0600; the running daemon's control socket
 //! ```
 //!
-//! Every file in it is owner-only: the binary runs with umask 077 (RocksDB has no file-mode
-//! option and creates files for the life of the process), and `check_private` refuses a store
-//! that others can write and tightens one that others can read.
+//! Privacy (docs/design.md, "Security"): a new store directory is made 0700; a store others
+//! can write, or owned by someone else, is refused; one only readable by others (0755, as
+//! earlier snapfs versions made them) is tightened to 0700 and everything in it to owner-only.
+//! Files RocksDB creates later are owner-only through the process umask (main sets 077).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -54,6 +55,7 @@ fn lock(dir: &Path) -> Result<File, String> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let locked = crate::sys::try_lock_exclusive(&f)
@@ -77,92 +79,28 @@ fn lock(dir: &Path) -> Result<File, String> {
     Ok(f)
 }
 
-/// The store holds every file's contents, so it is as private as the most private of them:
-/// the directory is 0700 and owned by the user opening it (or by root, for root), and no
-/// one else may write it (who can write it can swap RocksDB's files for symlinks that the
-/// daemon would then write through). A store left readable by others (older snapfs created
-/// it 0755) is tightened, with its `db/` and the files in it, and the log says so.
-fn check_private(dir: &Path) -> Result<(), String> {
-    let md = std::fs::symlink_metadata(dir)
-        .map_err(|e| format!("cannot stat store {}: {e}", dir.display()))?;
-    let me = crate::sys::geteuid();
-    if md.uid() != me {
-        return Err(format!(
-            "store {} is owned by uid {}, not by uid {me} who is opening it; refusing, \
-             because its owner could redirect the daemon's writes (chown -R {me} {} to take \
-             it over)",
-            dir.display(),
-            md.uid(),
-            dir.display()
-        ));
-    }
-    if md.mode() & 0o022 != 0 {
-        return Err(format!(
-            "store {} can be written by other users (mode {:o}); refusing to open it. \
-             Run chmod 700 {} if no one else has changed it",
-            dir.display(),
-            md.mode() & 0o7777,
-            dir.display()
-        ));
-    }
-    if md.mode() & 0o077 != 0 {
-        log::warn!(
-            "store {} was readable by other users (mode {:o}); making it and its database \
-             owner-only",
-            dir.display(),
-            md.mode() & 0o7777
-        );
-        tighten(dir, 0o700)?;
-        let db = dir.join("db");
-        if db.is_dir() {
-            tighten(&db, 0o700)?;
-            for e in std::fs::read_dir(&db)
-                .map_err(|e| format!("cannot read {}: {e}", db.display()))?
-                .flatten()
-            {
-                let p = e.path();
-                match std::fs::symlink_metadata(&p) {
-                    Ok(m) if m.is_file() => tighten(&p, 0o600)?,
-                    Ok(m) if m.is_dir() => tighten(&p, 0o700)?,
-                    _ => {}
-                }
-            }
-        }
-        for name in ["snapfs.lock", "control.sock"] {
-            let p = dir.join(name);
-            if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.file_type().is_symlink()) {
-                tighten(&p, 0o600)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn tighten(p: &Path, mode: u32) -> Result<(), String> {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("cannot restrict {}: {e}", p.display()))
-}
-
 impl Store {
     /// Opens (and with `create`, creates) the store in `dir`. `chunk_size` applies only to a
     /// new store; an existing store keeps the chunk size it was created with.
     pub fn open(dir: &Path, create: bool, chunk_size: Option<usize>) -> Result<Store, String> {
-        if !dir.exists() {
+        let made = if dir.symlink_metadata().is_err() {
             if !create {
                 return Err(format!("store {} does not exist", dir.display()));
             }
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-            }
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("cannot create store {}: {e}", dir.display()))?;
-        }
+            make_store_dir(dir)?
+        } else {
+            false
+        };
         if !dir.is_dir() {
             return Err(format!("store {} is not a directory", dir.display()));
         }
+        // A symlink the caller named is followed here, once; from here on the resolved path
+        // is used, and its last component must not turn into a symlink (O_NOFOLLOW).
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+        let (fd, mode) = check_access(&dir)?;
+        let dir = dir.as_path();
         let fresh = !is_store(dir);
         if fresh {
             if !create {
@@ -179,10 +117,10 @@ impl Store {
                 ));
             }
         }
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
-        check_private(&dir)?;
+        // Only now that it is known to be a store (or empty): never chmod a foreign directory.
+        make_private(&fd, dir, mode, made)?;
+        drop(fd);
+        let dir = dir.to_path_buf();
         let lock = lock(&dir)?;
         let eng = Engine::open(&dir.join("db"))?;
         let chunk_size = match read_super(&eng)? {
@@ -213,6 +151,133 @@ impl Store {
             _lock: lock,
         })
     }
+}
+
+/// Creates a new store directory 0700 (missing parents with the process umask, which the
+/// snapfs binary sets to 077). `make_private` then sets 0700 explicitly on its descriptor:
+/// no umask can widen it, and one that takes the owner's own bits away cannot lock the
+/// owner out. Returns false if someone else made it first (it is then checked like any
+/// existing store).
+fn make_store_dir(dir: &Path) -> Result<bool, String> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(format!("cannot create store {}: {e}", dir.display())),
+    }
+    Ok(true)
+}
+
+/// The most a mode may give anyone but the owner, for directories and files of a store.
+const OTHERS: u32 = 0o077;
+
+/// Checks who may reach the store in `dir`, on an O_NOFOLLOW descriptor of the directory
+/// (fstat: nothing is resolved again by path). Refuses a directory that group or others can
+/// write (they could have replaced any file in it, and could again) and one owned by another
+/// user than the caller or root (root opening a user's store would write, as root, into
+/// files that user controls). Returns the descriptor and the directory's mode.
+fn check_access(dir: &Path) -> Result<(File, u32), String> {
+    let shown = dir.display();
+    let fd = crate::sys::open_dir_nofollow(dir).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!("store {shown} was replaced by a symlink; refusing to open"),
+        _ => format!("cannot open store {shown}: {e}"),
+    })?;
+    let st = fd
+        .metadata()
+        .map_err(|e| format!("cannot stat store {shown}: {e}"))?;
+    let me = crate::sys::geteuid();
+    if st.uid() != me && st.uid() != 0 {
+        return Err(format!(
+            "store {shown} is owned by uid {}, not by you (uid {me}) or root; run snapfs as \
+             its owner, or take it over: chown -R {me} {shown}",
+            st.uid()
+        ));
+    }
+    let mode = st.mode() & 0o7777;
+    let writable_by = if mode & 0o002 != 0 {
+        Some("others")
+    } else if mode & 0o020 != 0 {
+        Some("group")
+    } else {
+        None
+    };
+    if let Some(who) = writable_by {
+        return Err(format!(
+            "store {shown} is writable by {who} (mode {mode:o}), who could have replaced its \
+             files; if you trust its contents, make it private and retry: chmod 700 {shown}"
+        ));
+    }
+    Ok((fd, mode))
+}
+
+/// Tightens the store directory (open as `fd`, mode `mode`) to 0700 if others can read or
+/// enter it, and everything in it to owner-only (fchmod on descriptors). `made`: created
+/// just now by `make_store_dir`, so set to 0700 whatever the umask made of it.
+fn make_private(fd: &File, dir: &Path, mode: u32, made: bool) -> Result<(), String> {
+    let shown = dir.display();
+    if mode & OTHERS != 0 || made {
+        fd.set_permissions(std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make store {shown} private (chmod 700): {e}"))?;
+        if !made {
+            log::warn!(
+                "store {shown} was open to other users (mode {mode:o}, as older snapfs \
+                 versions made it): tightened to 0700"
+            );
+        }
+    }
+    let n = tighten_tree(fd, dir, 0)
+        .map_err(|e| format!("cannot make the files of store {shown} private: {e}"))?;
+    if n > 0 {
+        log::warn!("store {shown}: tightened {n} files and directories to owner-only");
+    }
+    Ok(())
+}
+
+/// Takes group and other bits off every directory and regular file under `dir` (an open
+/// directory), depth first, descriptor-relative, never following a symlink. A directory is
+/// tightened before its entries are looked at, so that whoever held a descriptor of it from
+/// before can no longer add entries. Returns how many it changed.
+fn tighten_tree(dir: &File, path: &Path, depth: u32) -> std::io::Result<usize> {
+    let mut changed = 0;
+    for name in crate::sys::read_dir_fd(dir)? {
+        let st = match crate::sys::fstatat_nofollow(dir, &name) {
+            Ok(st) => st,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let kind = st.st_mode & libc::S_IFMT;
+        let is_dir = kind == libc::S_IFDIR;
+        // RocksDB's directory is flat; anything deeper than this is not ours to walk.
+        if !(is_dir && depth < 8) && kind != libc::S_IFREG {
+            continue; // symlinks, sockets (a stale control.sock is 0600 anyway), fifos
+        }
+        let f = match crate::sys::openat_nofollow(dir, &name, is_dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.join(&name).display()),
+                ))
+            }
+        };
+        let m = f.metadata()?;
+        if m.ino() != st.st_ino || m.dev() != st.st_dev {
+            continue; // replaced meanwhile; only the owner can do that now
+        }
+        if m.mode() & OTHERS != 0 {
+            let mode = m.mode() & 0o700;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            changed += 1;
+        }
+        if is_dir {
+            changed += tighten_tree(&f, &path.join(&name), depth + 1)?;
+        }
+    }
+    Ok(changed)
 }
 
 /// Superblock payload: magic, format version u32, chunk size u32 (LE).

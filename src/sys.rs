@@ -94,42 +94,6 @@ fn exit_sigset() -> libc::sigset_t {
     }
 }
 
-/// umask(2): sets the process's file-mode creation mask, returns the old one.
-pub fn set_umask(mask: u32) -> u32 {
-    // SAFETY: umask cannot fail.
-    unsafe { libc::umask(mask as libc::mode_t) as u32 }
-}
-
-/// The uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
-pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> io::Result<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: a valid socket fd, and a buffer of the size passed.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
-}
-
-pub fn geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 pub fn getuid() -> u32 {
     // SAFETY: getuid cannot fail.
     unsafe { libc::getuid() }
@@ -254,4 +218,143 @@ pub fn fsync_fuse_inode(mount: &File, nodeid: u64) -> io::Result<bool> {
     let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     f.sync_all()?;
     Ok(true)
+}
+
+/// Adds 0o077 to the process umask (never loosens it) and returns the previous umask. Every
+/// file and directory this process creates from now on is owner-only unless it sets a mode
+/// explicitly: RocksDB creates its files with fixed modes (0644 files, 0755 directories)
+/// for as long as a store is open, so only the process umask reaches them (docs/design.md).
+pub fn tighten_umask() -> u32 {
+    // SAFETY: umask(2) cannot fail; it is read by setting it, then set again at once.
+    unsafe {
+        let old = libc::umask(0o077);
+        if old | 0o077 != 0o077 {
+            libc::umask(old | 0o077);
+        }
+        old as u32
+    }
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn cname(name: &std::ffi::OsStr) -> io::Result<CString> {
+    CString::new(name.as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))
+}
+
+/// Opens a directory read-only with O_NOFOLLOW: a final component that is a symlink fails
+/// with ELOOP instead of being followed.
+pub fn open_dir_nofollow(p: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(p)
+}
+
+/// openat(2) of `name` in `dir`, read-only, never following a symlink (O_NOFOLLOW), never
+/// blocking on a fifo or taking a terminal; `directory` adds O_DIRECTORY.
+pub fn openat_nofollow(dir: &File, name: &std::ffi::OsStr, directory: bool) -> io::Result<File> {
+    let c = cname(name)?;
+    let mut flags =
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    if directory {
+        flags |= libc::O_DIRECTORY;
+    }
+    // SAFETY: valid descriptor and C string; the returned descriptor is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and nothing else owns it.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// fstatat(2) of `name` in `dir` with AT_SYMLINK_NOFOLLOW.
+pub fn fstatat_nofollow(dir: &File, name: &std::ffi::OsStr) -> io::Result<libc::stat> {
+    let c = cname(name)?;
+    // SAFETY: `st` is a plain C struct that fstatat fills in; valid descriptor and C string.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// The names in an open directory (without `.` and `..`), read through a duplicate of its
+/// descriptor: no path is resolved again.
+pub fn read_dir_fd(dir: &File) -> io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: dup of a valid descriptor; fdopendir takes ownership of the duplicate (closed
+    // by closedir, also on the error path below).
+    let fd = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let d = unsafe { libc::fdopendir(fd) };
+    if d.is_null() {
+        let e = io::Error::last_os_error();
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    // The duplicate shares the file offset: start from the beginning.
+    unsafe { libc::rewinddir(d) };
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: readdir on the live stream; errno is cleared first to tell the end of the
+        // directory (NULL, errno 0) from an error.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break match e.raw_os_error() {
+                Some(0) | None => Ok(()),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: d_name is a NUL-terminated array inside the entry readdir returned.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let b = name.to_bytes();
+        if b != b"." && b != b".." {
+            names.push(std::ffi::OsStr::from_bytes(b).to_os_string());
+        }
+    };
+    // SAFETY: the stream was opened above and is closed once.
+    unsafe { libc::closedir(d) };
+    result.map(|()| names)
+}
+
+/// The credentials of the process at the other end of a connected Unix socket, as the
+/// kernel recorded them at connect(2) (SO_PEERCRED): (pid, uid, gid).
+pub fn peer_cred(sock: &impl AsRawFd) -> io::Result<(i32, u32, u32)> {
+    // SAFETY: `cred` is a plain C struct of the size passed; getsockopt fills it in.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::other("SO_PEERCRED returned a short answer"));
+    }
+    Ok((cred.pid, cred.uid, cred.gid))
 }
