@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use snapfs::fs::{Creds, ROOT_INO};
-use snapfs::store::Store;
+use snapfs::storage::store::Store;
 
 const ME: Creds = Creds { uid: 0, gid: 0 };
 const CS: usize = 4096;

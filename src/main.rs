@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use snapfs::control::{self, Request, Response};
+mod cli;
+use cli::replica::{self as repl, BackendCmd, SpecOpts};
+
+use snapfs::daemon::control::{self, Request, Response};
+use snapfs::daemon::ops::{self, Ctx};
+use snapfs::daemon::report;
+use snapfs::daemon::retention::{self, Policy};
 use snapfs::daemon::{self, MountArgs};
-use snapfs::ops::{self, Ctx};
-use snapfs::report;
-use snapfs::retention::{self, Policy};
-use snapfs::store::Store;
-use snapfs::views::Views;
+use snapfs::fuse::views::Views;
+use snapfs::storage::store::Store;
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +91,42 @@ enum Cmd {
         /// Retention applied to automatic snapshots after each one is taken.
         #[command(flatten)]
         keep: Keep,
+        /// Replicate to this backend (dir:/ABS/PATH or s3://BUCKET[/PREFIX]); it is added to
+        /// the store (as --replicate-name) unless the store already has one with this spec.
+        #[arg(long)]
+        replicate: Option<String>,
+        #[arg(long, default_value = "backup")]
+        replicate_name: String,
+        #[command(flatten)]
+        spec_opts: SpecOpts,
+        /// Upload bandwidth limit of the --replicate backend, e.g. 100MiB/s.
+        #[arg(long, value_parser = repl::parse_rate)]
+        limit: Option<u64>,
+    },
+    /// Add, list or remove the backends a store replicates to.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Replication status: per backend its queue (RPO), uploads, last error, and each
+    /// snapshot's state.
+    Status {
+        target: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a store from a backend alone: every complete snapshot (or only --snapshot),
+    /// with the live tree equal to the newest one recovered.
+    Recover {
+        /// The backend: dir:/ABS/PATH or s3://BUCKET[/PREFIX].
+        #[arg(long)]
+        from: String,
+        /// A new or empty directory for the rebuilt store.
+        new_store: PathBuf,
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[command(flatten)]
+        spec_opts: SpecOpts,
+        #[arg(long)]
+        json: bool,
     },
     /// Unmount a snapfs mountpoint; the daemon seals, flushes and exits.
     Umount {
@@ -154,11 +193,28 @@ enum SnapCmd {
         #[arg(long)]
         durable: bool,
     },
-    /// List snapshots: name, id, creation time, logical size, bytes unique to each.
+    /// List snapshots: name, id, creation time, logical size, bytes unique to each. With
+    /// --from SPEC, the complete snapshots on a backend (no store needed).
     List {
-        target: PathBuf,
+        #[arg(required_unless_present = "from")]
+        target: Option<PathBuf>,
+        #[arg(long, conflicts_with = "target")]
+        from: Option<String>,
+        #[command(flatten)]
+        spec_opts: SpecOpts,
         #[arg(long)]
         json: bool,
+    },
+    /// Wait until a snapshot is complete on every backend (or --backend): its chunks and
+    /// manifest are durable there. Exit status 1 on timeout.
+    Wait {
+        target: PathBuf,
+        name: String,
+        #[arg(long)]
+        backend: Option<String>,
+        /// e.g. 60s, 10m.
+        #[arg(long, value_parser = retention::parse_duration, default_value = "60s")]
+        timeout: std::time::Duration,
     },
     /// Delete a snapshot and free what only it referenced.
     Delete { target: PathBuf, name: String },
@@ -193,6 +249,7 @@ fn run(target: &Path, req: Request) -> Result<Response, String> {
         chunk_size: store.chunk_size,
         fs: store.fs.clone(),
         views: Arc::new(Views::new(store.fs.clone())),
+        replicator: None,
         mountpoint: None,
         snap_mounts: Default::default(),
     };
@@ -240,10 +297,23 @@ fn snapshot_cmd(c: SnapCmd) -> Result<(), String> {
             let req = Request::SnapshotCreate { name, durable };
             print_message(checked(run(&target, req)?)?);
         }
+        SnapCmd::Wait {
+            target,
+            name,
+            backend,
+            timeout,
+        } => repl::wait(&target, &name, backend.as_deref(), timeout)?,
         SnapCmd::List {
             target,
+            from,
+            spec_opts,
             json: as_json,
         } => {
+            let target = match (target, from) {
+                (_, Some(spec)) => return repl::list_from(&spec, &spec_opts, as_json),
+                (Some(t), None) => t,
+                (None, None) => return Err("snapshot list needs TARGET or --from SPEC".into()),
+            };
             let rows = checked(run(&target, Request::SnapshotList)?)?
                 .snapshots
                 .unwrap_or_default();
@@ -454,18 +524,42 @@ fn main() -> ExitCode {
             cache_size,
             snapshot_every,
             keep,
-        } => daemon::run_mount(&MountArgs {
-            store,
-            mountpoint,
-            allow_other,
-            threads,
-            chunk_size,
+            replicate,
+            replicate_name,
+            spec_opts,
+            limit,
+        } => (|| {
+            let replicate = match replicate {
+                Some(spec) => {
+                    let cfg = repl::resolve(&replicate_name, &spec, &spec_opts, limit)?;
+                    repl::create_dir_root(&cfg)?;
+                    Some(cfg)
+                }
+                None => None,
+            };
+            daemon::run_mount(&MountArgs {
+                store,
+                mountpoint,
+                allow_other,
+                threads,
+                chunk_size,
+                snapshot,
+                show_snapshots,
+                cache_bytes: cache_size,
+                snapshot_every,
+                keep: keep.policy(),
+                replicate,
+            })
+        })(),
+        Cmd::Backend(c) => repl::backend_cmd(c),
+        Cmd::Status { target, json } => repl::status(&target, json),
+        Cmd::Recover {
+            from,
+            new_store,
             snapshot,
-            show_snapshots,
-            cache_bytes: cache_size,
-            snapshot_every,
-            keep: keep.policy(),
-        }),
+            spec_opts,
+            json,
+        } => repl::recover(&from, &spec_opts, &new_store, snapshot.as_deref(), json),
         Cmd::Umount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Stat { target, json } => stat(&target, json),
         Cmd::Check {

@@ -58,6 +58,17 @@ pub fn syncfs(p: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// fallocate(2) of `len` bytes from offset 0: the blocks are allocated, not a sparse hole.
+pub fn fallocate(f: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    // SAFETY: fallocate on a valid, owned descriptor, mode 0.
+    if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and threads it spawns later), so
 /// that `wait_for_signal` can take them synchronously.
 pub fn block_exit_signals() -> io::Result<()> {
@@ -357,4 +368,58 @@ pub fn peer_cred(sock: &impl AsRawFd) -> io::Result<(i32, u32, u32)> {
         return Err(io::Error::other("SO_PEERCRED returned a short answer"));
     }
     Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// openat(2) of `name` in `dir` for writing, creating it with `mode` (less the umask):
+/// O_CREAT|O_EXCL|O_NOFOLLOW, so it fails with EEXIST if any entry of that name exists,
+/// a symlink included: nothing is followed and nothing existing is opened.
+pub fn openat_create_excl(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<File> {
+    let c = cname(name)?;
+    let flags = libc::O_WRONLY
+        | libc::O_CREAT
+        | libc::O_EXCL
+        | libc::O_NOFOLLOW
+        | libc::O_NOCTTY
+        | libc::O_CLOEXEC;
+    // SAFETY: valid descriptor and C string; the mode is passed as the variadic argument
+    // O_CREAT requires; the returned descriptor is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and nothing else owns it.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// mkdirat(2): a directory `name` in `dir` with `mode` (less the umask). Never follows a
+/// symlink: an existing entry of that name, a symlink included, fails with EEXIST.
+pub fn mkdirat(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {
+    let c = cname(name)?;
+    // SAFETY: valid descriptor and C string, plain mode.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// renameat(2) of `from` to `to`, both in `dir`: atomically replaces the entry `to` (a
+/// symlink there is replaced itself, never followed).
+pub fn renameat(dir: &File, from: &std::ffi::OsStr, to: &std::ffi::OsStr) -> io::Result<()> {
+    let (f, t) = (cname(from)?, cname(to)?);
+    let d = dir.as_raw_fd();
+    // SAFETY: valid descriptor and C strings.
+    if unsafe { libc::renameat(d, f.as_ptr(), d, t.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// unlinkat(2) of the non-directory entry `name` in `dir` (a symlink is removed itself).
+pub fn unlinkat(dir: &File, name: &std::ffi::OsStr) -> io::Result<()> {
+    let c = cname(name)?;
+    // SAFETY: valid descriptor and C string, no flags.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use snapfs::fs::{Creds, Fs, VersionGc, ROOT_INO};
-use snapfs::store::Store;
+use snapfs::storage::store::Store;
 
 const ME: Creds = Creds { uid: 0, gid: 0 };
 const CS: usize = 4096;

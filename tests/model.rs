@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use common::Rng;
 use snapfs::fs::{Creds, Fs, ROOT_INO};
-use snapfs::inode::Kind;
-use snapfs::store::Store;
+use snapfs::storage::inode::Kind;
+use snapfs::storage::store::Store;
 
 const ME: Creds = Creds { uid: 0, gid: 0 };
 

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use snapfs::fs::{Creds, Fs, SetAttr, ROOT_INO};
-use snapfs::store::Store;
+use snapfs::storage::store::Store;
 
 const ROOT: Creds = Creds { uid: 0, gid: 0 };
 const NOBODY: u32 = 65534;

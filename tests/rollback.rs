@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{bin, Rng};
 use snapfs::fs::{Creds, Fs, ROOT_INO};
-use snapfs::store::Store;
+use snapfs::storage::store::Store;
 
 const ME: Creds = Creds { uid: 0, gid: 0 };
 const FILES: usize = 30_000;

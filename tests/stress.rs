@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::Rng;
 use parking_lot::Mutex;
 use snapfs::fs::{Creds, Fs, Handle, ROOT_INO};
-use snapfs::store::Store;
+use snapfs::storage::store::Store;
 
 const ME: Creds = Creds { uid: 0, gid: 0 };
 const CS: usize = 4096;

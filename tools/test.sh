@@ -5,6 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/setup.sh" --test
+"$here/garage.sh" install
 # shellcheck source=tools/env.sh
 . "$here/env.sh"
 cd "$here/.."
@@ -16,6 +17,16 @@ step "clippy";  cargo clippy --release --locked --all-targets -- -D warnings
 step "clippy (with failpoints)"
 cargo clippy --release --locked --all-targets --features failpoints -- -D warnings
 logs=$(mktemp -d)
+step "garage: a loopback S3 server, self-test (signed PUT/GET/LIST/DELETE, stop, restart)"
+"$here/garage.sh" selftest 2>&1 | tee "$logs/garage-selftest.log"
+step "garage: start the S3 server the replication tests use"
+garage_dir=$(mktemp -d)
+# shellcheck disable=SC2064  # expand $here and $garage_dir now
+trap "'$here/garage.sh' stop '$garage_dir' || true; rm -rf '$garage_dir'" EXIT
+trap 'exit 130' INT TERM
+"$here/garage.sh" start "$garage_dir"
+# shellcheck source=/dev/null
+. "$garage_dir/env"  # AWS_*, SNAPFS_TEST_S3_ENDPOINT, SNAPFS_TEST_S3_BUCKET, SNAPFS_TEST_GARAGE_*
 step "cargo test (core, model, stress, hostile-input, mount, snapshot and kill -9 crash tests)"
 cargo test --release --locked 2>&1 | tee "$logs/cargo-test.log"
 step "cargo test: deterministic interleavings through failpoints"
@@ -28,7 +39,7 @@ step "fsx against a live mount"
 passed=0 failed=0
 while read -r p f; do passed=$((passed + p)); failed=$((failed + f)); done < <(
   sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$logs/cargo-test.log"
-  grep -h -E '^[0-9]+ passed, [0-9]+ failed' "$logs/pjdfstest.log" "$logs/fsx.log" | sed 's/^\([0-9]*\) passed, \([0-9]*\) failed.*/\1 \2/')
+  grep -h -E '^[0-9]+ passed, [0-9]+ failed' "$logs/garage-selftest.log" "$logs/pjdfstest.log" "$logs/fsx.log" | sed 's/^\([0-9]*\) passed, \([0-9]*\) failed.*/\1 \2/')
 rm -rf "$logs"
 step "all checks passed"
 echo "total: $passed passed, $failed failed"

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::keys::ChunkId;
+use crate::storage::keys::ChunkId;
 
 /// Default bound: 64 MiB is 64 full 1 MiB chunks, enough for the readahead windows of a few
 /// dozen concurrent sequential readers, and small next to the page cache that holds the

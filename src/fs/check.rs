@@ -10,9 +10,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::engine::Cf;
 use crate::error::Result;
-use crate::keys::{self, ChunkId, MapEntry, TAG_LIVE};
+use crate::storage::engine::Cf;
+use crate::storage::keys::{self, ChunkId, MapEntry, TAG_LIVE};
 
 use super::txn::decode_ref;
 use super::{Counters, Fs};
@@ -47,7 +47,11 @@ impl Fs {
         let meta = self.lock_meta();
         // References held by chunk-map versions.
         let mut refs: HashMap<ChunkId, u64> = HashMap::new();
-        for item in self.eng.scan(Cf::Meta, &[keys::P_MAP], &[keys::P_MAP]) {
+        for item in self
+            .eng
+            .reader()?
+            .scan(Cf::Meta, &[keys::P_MAP], &[keys::P_MAP])
+        {
             let (_, v) = item?;
             if v.first() == Some(&TAG_LIVE) {
                 match MapEntry::decode(&v[1..]) {
@@ -60,6 +64,7 @@ impl Fs {
         let mut counted: HashSet<ChunkId> = HashSet::new();
         for item in self
             .eng
+            .reader()?
             .scan(Cf::Meta, &[keys::P_REFCOUNT], &[keys::P_REFCOUNT])
         {
             let (k, v) = item?;
@@ -70,7 +75,7 @@ impl Fs {
             let Some((count, raw, stored)) = decode_ref(&v) else {
                 r.problem(format!(
                     "refcount of {} does not decode",
-                    crate::chunk::hex(&id)
+                    crate::storage::chunk::hex(&id)
                 ));
                 continue;
             };
@@ -84,23 +89,26 @@ impl Fs {
             if held != count {
                 r.problem(format!(
                     "chunk {}: refcount {count}, but {held} chunk-map versions name it",
-                    crate::chunk::hex(&id)
+                    crate::storage::chunk::hex(&id)
                 ));
             }
             if count == 0 && !self.eng.exists(Cf::Meta, &keys::free_key(&id))? {
                 r.problem(format!(
                     "chunk {}: unreferenced but not queued for garbage collection",
-                    crate::chunk::hex(&id)
+                    crate::storage::chunk::hex(&id)
                 ));
             }
             match self.eng.get(Cf::Chunks, &id)? {
-                None => r.problem(format!("chunk {}: body missing", crate::chunk::hex(&id))),
+                None => r.problem(format!(
+                    "chunk {}: body missing",
+                    crate::storage::chunk::hex(&id)
+                )),
                 Some(body) if verify_data => {
                     r.chunks_verified += 1;
-                    if crate::chunk::decode(&id, &body).is_err() {
+                    if crate::storage::chunk::decode(&id, &body).is_err() {
                         r.problem(format!(
                             "chunk {}: body fails verification",
-                            crate::chunk::hex(&id)
+                            crate::storage::chunk::hex(&id)
                         ));
                     }
                 }
@@ -112,16 +120,16 @@ impl Fs {
             if !counted.contains(id) {
                 r.problem(format!(
                     "chunk {}: named by {n} chunk-map versions but has no refcount",
-                    crate::chunk::hex(id)
+                    crate::storage::chunk::hex(id)
                 ));
             }
         }
-        for item in self.eng.scan(Cf::Chunks, &[], &[]) {
+        for item in self.eng.reader()?.scan(Cf::Chunks, &[], &[]) {
             let (k, _) = item?;
             if k.len() != 32 || !<ChunkId>::try_from(&k[..]).is_ok_and(|id| counted.contains(&id)) {
                 r.problem(format!(
                     "chunk body {} has no refcount (leaked)",
-                    crate::chunk::hex(&k)
+                    crate::storage::chunk::hex(&k)
                 ));
             }
         }

@@ -14,11 +14,11 @@
 
 use std::sync::Arc;
 
-use crate::chunk;
-use crate::engine::Cf;
 use crate::error::{FsError, Result};
-use crate::inode::{Kind, Time};
-use crate::keys::{self, MapEntry};
+use crate::storage::chunk;
+use crate::storage::engine::Cf;
+use crate::storage::inode::{Kind, Time};
+use crate::storage::keys::{self, MapEntry};
 
 use super::txn::Body;
 use super::{FileState, Fs, OpenFile, Txn};
@@ -208,6 +208,7 @@ impl Fs {
 
     pub fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<u32> {
         self.write_epoch()?;
+        self.eng.admit_growth()?;
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
@@ -537,6 +538,7 @@ impl Fs {
     /// seal time) but extend the size; PUNCH_HOLE|KEEP_SIZE zeroes the range.
     pub fn fallocate(&self, h: &Handle, offset: u64, len: u64, mode: i32) -> Result<()> {
         self.write_epoch()?;
+        self.eng.admit_growth()?;
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= MAX_FILE_SIZE)

@@ -10,7 +10,9 @@
 mod cache;
 mod check;
 mod data;
+mod install;
 mod ns;
+mod queue;
 mod snap;
 mod txn;
 
@@ -20,16 +22,18 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
-use crate::engine::{Cf, Engine};
 use crate::error::{FsError, Result};
-use crate::inode::{Attr, Time};
-use crate::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
+use crate::storage::engine::{Cf, Engine};
+use crate::storage::inode::{Attr, Time};
+use crate::storage::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
 pub use cache::{ChunkCache, DEFAULT_CACHE_BYTES};
 
 pub use check::CheckReport;
 pub use data::{Handle, ReadBuf, MAX_FILE_SIZE};
+pub use install::InstallChunk;
 pub use ns::{DirEntry, SetAttr, TimeSet};
 pub use snap::{check_snapshot_name, Rollback, SnapshotInfo, VersionGc};
+pub use txn::now_ms;
 pub(crate) use txn::Txn;
 
 pub const ROOT_INO: u64 = 1;
@@ -60,6 +64,8 @@ pub struct Counters {
 pub(crate) struct MetaState {
     pub next_ino: u64,
     pub counters: Counters,
+    /// The last sequence number given to a replication queue entry (0: none yet).
+    pub repl_seq: u64,
 }
 
 pub(crate) struct FileState {
@@ -181,6 +187,9 @@ pub struct Fs {
     barrier: RwLock<()>,
     /// A pass of version GC was held back by a pinned epoch; the background GC runs it.
     gc_pending: AtomicBool,
+    /// Ids of the backends that replicate this store: every new chunk is queued for each in
+    /// the batch that seals it, every snapshot gets a pending record for each in its batch.
+    replicas: RwLock<Arc<[u32]>>,
 }
 
 impl Drop for Fs {
@@ -198,6 +207,27 @@ fn counter(eng: &Engine, name: &str) -> Result<Option<u64>> {
         .map(|v| keys::le_u64(&v)))
 }
 
+/// The epoch and the counters as the database holds them.
+fn load_state(eng: &Engine) -> Result<(u64, MetaState)> {
+    let epoch = counter(eng, "epoch")?.unwrap_or(FIRST_EPOCH);
+    let next_ino = counter(eng, "next_ino")?.unwrap_or(ROOT_INO + 1);
+    let counters = Counters {
+        chunks: counter(eng, "chunks")?.unwrap_or(0),
+        unique_bytes: counter(eng, "unique_bytes")?.unwrap_or(0),
+        stored_bytes: counter(eng, "stored_bytes")?.unwrap_or(0),
+        referenced_bytes: counter(eng, "referenced_bytes")?.unwrap_or(0),
+    };
+    let repl_seq = counter(eng, "repl_seq")?.unwrap_or(0);
+    Ok((
+        epoch,
+        MetaState {
+            next_ino,
+            counters,
+            repl_seq,
+        },
+    ))
+}
+
 impl Fs {
     /// Opens the filesystem on an engine. Creates the root directory on a new store.
     pub fn new(eng: Engine, chunk_size: usize, creator: Creds) -> Result<Fs> {
@@ -211,26 +241,26 @@ impl Fs {
         creator: Creds,
         cache_bytes: usize,
     ) -> Result<Fs> {
-        let epoch = counter(&eng, "epoch")?.unwrap_or(FIRST_EPOCH);
-        let next_ino = counter(&eng, "next_ino")?.unwrap_or(ROOT_INO + 1);
-        let counters = Counters {
-            chunks: counter(&eng, "chunks")?.unwrap_or(0),
-            unique_bytes: counter(&eng, "unique_bytes")?.unwrap_or(0),
-            stored_bytes: counter(&eng, "stored_bytes")?.unwrap_or(0),
-            referenced_bytes: counter(&eng, "referenced_bytes")?.unwrap_or(0),
-        };
+        let (epoch, meta) = load_state(&eng)?;
         let fs = Fs::assemble(
             Arc::new(eng),
             chunk_size,
             epoch,
             None,
-            MetaState { next_ino, counters },
+            meta,
             Pins::default(),
             None,
             Arc::new(ChunkCache::new(cache_bytes)),
         );
         if fs.get_rec(&keys::inode_rec(ROOT_INO))?.is_none() {
-            let mut root = Attr::new(ROOT_INO, crate::inode::Kind::Dir, 0o755, 0, 0, Time::now());
+            let mut root = Attr::new(
+                ROOT_INO,
+                crate::storage::inode::Kind::Dir,
+                0o755,
+                0,
+                0,
+                Time::now(),
+            );
             root.uid = creator.uid;
             root.gid = creator.gid;
             root.parent = ROOT_INO;
@@ -240,6 +270,7 @@ impl Fs {
             txn.commit(&mut meta, true)?;
         }
         fs.clean_orphans()?;
+        fs.load_replicas()?;
         Ok(fs)
     }
 
@@ -270,6 +301,7 @@ impl Fs {
             _pin: pin,
             barrier: RwLock::new(()),
             gc_pending: AtomicBool::new(false),
+            replicas: RwLock::new(Arc::from(Vec::new())),
         }
     }
 
@@ -290,6 +322,7 @@ impl Fs {
         let meta = MetaState {
             next_ino: 0,
             counters: Counters::default(),
+            repl_seq: 0,
         };
         Fs::assemble(
             self.eng.clone(),
@@ -377,7 +410,7 @@ impl Fs {
         let view = self.view_epoch();
         let mut out = Vec::new();
         let mut last: Option<Vec<u8>> = None;
-        for item in self.eng.scan(Cf::Meta, prefix, from) {
+        for item in self.eng.reader()?.scan(Cf::Meta, prefix, from) {
             let (k, v) = item?;
             let (rec, epoch) = keys::split_version(&k);
             if epoch > view || last.as_deref() == Some(rec) {
@@ -497,6 +530,7 @@ impl Fs {
     fn clean_orphans(&self) -> Result<()> {
         let orphans: Vec<u64> = self
             .eng
+            .reader()?
             .scan(Cf::Meta, &[keys::P_ORPHAN], &[keys::P_ORPHAN])
             .map(|r| r.map(|(k, _)| keys::be_u64(&k[1..])))
             .collect::<Result<_>>()?;
@@ -530,10 +564,15 @@ impl Fs {
         }
         let r = self
             .eng
-            .with_value(Cf::Chunks, id, |stored| crate::chunk::decode(id, stored))
+            .with_value(Cf::Chunks, id, |stored| {
+                crate::storage::chunk::decode(id, stored)
+            })
             .and_then(|v| {
                 v.ok_or_else(|| {
-                    log::error!("chunk {} is referenced but missing", crate::chunk::hex(id));
+                    log::error!(
+                        "chunk {} is referenced but missing",
+                        crate::storage::chunk::hex(id)
+                    );
                     FsError::Corrupt
                 })
             })
@@ -611,6 +650,28 @@ impl Fs {
         self.eng.flush_all()
     }
 
+    /// After a failed write wedged the engine (a full disk): reopens it in place, reloads
+    /// what this instance keeps of the database in memory (the epoch, the inode counter and
+    /// the space counters: a batch whose write reported an error may still have reached the
+    /// WAL), and only then accepts writes again. Ok(false) if the engine was healthy.
+    /// Open files keep their unsealed buffers; a file whose seal failed keeps its sticky
+    /// error until it is closed.
+    pub fn recover_engine(&self) -> std::result::Result<bool, String> {
+        if self.eng.health() == crate::storage::engine::Health::Healthy {
+            return Ok(false);
+        }
+        self.eng.reopen()?;
+        let mut meta = self.meta.lock();
+        let (epoch, stored) = load_state(&self.eng)
+            .map_err(|e| format!("cannot reload the counters after a reopen: {e}"))?;
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
+        meta.next_ino = meta.next_ino.max(stored.next_ino);
+        meta.counters = stored.counters;
+        meta.repl_seq = meta.repl_seq.max(stored.repl_seq);
+        self.eng.resume();
+        Ok(true)
+    }
+
     /// Frees chunks whose reference count dropped to zero.
     pub fn collect_garbage(&self) -> Result<u64> {
         if self.view.is_some() {
@@ -619,6 +680,7 @@ impl Fs {
         let _gc = self.gc_lock.lock();
         let ids: Vec<ChunkId> = self
             .eng
+            .reader()?
             .scan(Cf::Meta, &[keys::P_FREE], &[keys::P_FREE])
             .map(|r| r.map(|(k, _)| k[1..33].try_into().expect("32-byte id")))
             .collect::<Result<_>>()?;

@@ -5,8 +5,8 @@
 //! (types, emptiness, loops, name limits) so that it is correct without a kernel too.
 
 use crate::error::{FsError, Result};
-use crate::inode::{Attr, Kind, Time};
-use crate::keys::{self, Dirent};
+use crate::storage::inode::{Attr, Kind, Time};
+use crate::storage::keys::{self, Dirent};
 
 use super::{check_name, Creds, Fs, MetaState, Txn, ROOT_INO};
 
@@ -114,6 +114,7 @@ impl Fs {
         if self.find(parent, name)?.is_some() {
             return Err(FsError::Exists);
         }
+        self.eng.admit_growth()?;
         let now = Time::now();
         let ino = txn.alloc_ino(&mut meta)?;
         let mut a = Attr::new(ino, kind, (mode & 0o7777) as u16, c.uid, c.gid, now);
@@ -149,6 +150,7 @@ impl Fs {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
         check_name(newname)?;
+        self.eng.admit_growth()?;
         let mut meta = self.lock_meta();
         let mut txn = Txn::new(self);
         let mut a = txn.attr(ino)?;
@@ -518,6 +520,7 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::TooBig);
         }
+        self.eng.admit_growth()?;
         let mut meta = self.lock_meta();
         let mut txn = Txn::new(self);
         let mut a = txn.attr(ino)?;

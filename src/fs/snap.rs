@@ -11,10 +11,10 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::engine::{Batch, Cf};
 use crate::error::{FsError, Result};
-use crate::inode::{Attr, Kind, Time};
-use crate::keys::{self, ChunkId, MapEntry, TAG_LIVE};
+use crate::storage::engine::{Batch, Cf};
+use crate::storage::inode::{Attr, Kind, Time};
+use crate::storage::keys::{self, ChunkId, MapEntry, TAG_LIVE};
 
 use super::{Fs, Txn};
 
@@ -147,6 +147,8 @@ impl Fs {
     ) -> Result<SnapshotInfo> {
         check_snapshot_name(name).map_err(|_| FsError::Invalid)?;
         self.write_epoch()?;
+        // A snapshot adds little, but it pins what deletions would free on a full disk.
+        self.eng.admit_growth()?;
         let key = keys::snapshot_key(name.as_bytes());
         if self.eng.get(Cf::Meta, &key)?.is_some() {
             return Err(FsError::Exists);
@@ -181,6 +183,18 @@ impl Fs {
             &keys::counter_key("epoch"),
             &(e + 1).to_le_bytes(),
         );
+        // Every chunk this snapshot needs was sealed before now, so it is queued at or below
+        // `repl_seq`: the snapshot is complete on a backend once that backend's queue holds
+        // nothing at or below it and its manifest is uploaded.
+        let pending = keys::ReplSnap {
+            barrier_seq: meta.repl_seq,
+            created_ms: super::txn::now_ms(),
+            ..Default::default()
+        };
+        for &backend in self.replicas().iter() {
+            let k = keys::repl_key(keys::P_REPL_SNAP, backend, name.as_bytes());
+            self.eng.put(&mut b, Cf::Meta, &k, &pending.encode());
+        }
         self.eng.write(b, durable)?;
         self.epoch.store(e + 1, Ordering::Release);
         drop(meta);
@@ -207,6 +221,7 @@ impl Fs {
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
         let mut out: Vec<SnapshotInfo> = self
             .eng
+            .reader()?
             .scan(Cf::Meta, &[keys::P_SNAPSHOT], &[keys::P_SNAPSHOT])
             .map(|r| r.map(|(k, v)| decode_snapshot(&k[1..], &v)))
             .collect::<Result<Vec<_>>>()?
@@ -313,7 +328,7 @@ impl Fs {
         };
         let start = [keys::P_INODE];
         let end = [keys::P_XATTR + 1];
-        for item in self.eng.scan_range(Cf::Meta, &start, &end) {
+        for item in self.eng.reader()?.scan_range(Cf::Meta, &start, &end) {
             let (k, v) = item?;
             let (rec, e) = keys::split_version(&k);
             if group
@@ -335,7 +350,7 @@ impl Fs {
             let mut n = 0;
             for rec in part {
                 let mut versions: Vec<Version> = Vec::new();
-                for item in self.eng.scan(Cf::Meta, rec, rec) {
+                for item in self.eng.reader()?.scan(Cf::Meta, rec, rec) {
                     let (k, v) = item?;
                     if k.len() == rec.len() + keys::VERSION_LEN {
                         let e = keys::split_version(&k).1;
@@ -381,7 +396,7 @@ impl Fs {
         let prefix = [keys::P_MAP];
         let mut upper = u64::MAX;
         let mut last: Vec<u8> = Vec::new();
-        for item in self.eng.scan(Cf::Meta, &prefix, &prefix) {
+        for item in self.eng.reader()?.scan(Cf::Meta, &prefix, &prefix) {
             let (k, v) = item?;
             let (rec, e) = keys::split_version(&k);
             if rec != last.as_slice() {
@@ -481,6 +496,7 @@ impl Fs {
         };
         for item in self
             .eng
+            .reader()?
             .scan_range(Cf::Meta, &[keys::P_INODE], &[keys::P_XATTR + 1])
         {
             let (k, v) = item?;

@@ -1,8 +1,8 @@
 //! POSIX semantics of the core, without a mount.
 
 use super::*;
-use crate::inode::Kind;
-use crate::store::Store;
+use crate::storage::inode::Kind;
+use crate::storage::store::Store;
 
 const ME: Creds = Creds { uid: 0, gid: 0 };
 const CS: usize = 64 * 1024;
@@ -278,11 +278,11 @@ fn corrupt_chunk_is_eio_not_data() {
     let content = data(CS, 6);
     let ino = write_file(fs, ROOT_INO, "f", &content);
     // Overwrite the stored body with a damaged copy under the same id.
-    let id = crate::chunk::chunk_id(&content);
+    let id = crate::storage::chunk::chunk_id(&content);
     let mut bad = fs.eng.get(Cf::Chunks, &id).unwrap().unwrap();
     let mid = bad.len() / 2;
     bad[mid] ^= 1;
-    let mut b = crate::engine::Batch::new();
+    let mut b = crate::storage::engine::Batch::new();
     fs.eng.put(&mut b, Cf::Chunks, &id, &bad);
     fs.eng.write(b, false).unwrap();
     let h = fs.open(ino, false).unwrap();

@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::engine::{Batch, Cf};
 use crate::error::{FsError, Result};
-use crate::inode::Attr;
-use crate::keys::{self, ChunkId, MapEntry};
+use crate::storage::engine::{Batch, Cf};
+use crate::storage::inode::Attr;
+use crate::storage::keys::{self, ChunkId, MapEntry};
 
 use super::{Fs, MetaState, FIRST_EPOCH};
 
@@ -253,12 +253,15 @@ impl<'a> Txn<'a> {
     pub fn commit(mut self, meta: &mut MetaState, sync: bool) -> Result<()> {
         let attrs = std::mem::take(&mut self.attrs);
         for a in attrs.values() {
-            self.put_rec(&crate::keys::inode_rec(a.ino), &a.encode())?;
+            self.put_rec(&crate::storage::keys::inode_rec(a.ino), &a.encode())?;
         }
         for ino in std::mem::take(&mut self.deleted) {
-            self.del_rec(&crate::keys::inode_rec(ino))?;
+            self.del_rec(&crate::storage::keys::inode_rec(ino))?;
         }
         let mut counters = meta.counters;
+        let replicas = self.fs.replicas();
+        let mut repl_seq = meta.repl_seq;
+        let sealed_ms = now_ms();
         let (freed, freed_raw, freed_stored) = self.freed;
         if freed > 0 {
             counters.chunks -= freed;
@@ -277,11 +280,11 @@ impl<'a> Txn<'a> {
                 None if delta > 0 => {
                     let enc = match self.bodies.remove(&id) {
                         Some(Body::Encoded(e)) => e,
-                        Some(Body::Raw(r)) => crate::chunk::encode(&r),
+                        Some(Body::Raw(r)) => crate::storage::chunk::encode(&r),
                         None => {
                             log::error!(
                                 "internal: new chunk {} has no body",
-                                crate::chunk::hex(&id)
+                                crate::storage::chunk::hex(&id)
                             );
                             return Err(FsError::Io);
                         }
@@ -289,6 +292,21 @@ impl<'a> Txn<'a> {
                     let raw = u32::from_le_bytes(enc[2..6].try_into().expect("header"));
                     let stored = enc.len() as u32;
                     self.fs.eng.put(&mut self.batch, Cf::Chunks, &id, &enc);
+                    // Queued for every backend in the batch that seals it (docs/replication.md).
+                    for &backend in replicas.iter() {
+                        repl_seq += 1;
+                        let entry = keys::QueueEntry {
+                            id,
+                            sealed_ms,
+                            stored_len: stored,
+                        };
+                        self.fs.eng.put(
+                            &mut self.batch,
+                            Cf::Meta,
+                            &keys::queue_key(backend, repl_seq),
+                            &entry.encode(),
+                        );
+                    }
                     counters.chunks += 1;
                     counters.unique_bytes += raw as u64;
                     counters.stored_bytes += stored as u64;
@@ -297,14 +315,17 @@ impl<'a> Txn<'a> {
                 None => {
                     log::error!(
                         "refcount of missing chunk {} would drop",
-                        crate::chunk::hex(&id)
+                        crate::storage::chunk::hex(&id)
                     );
                     continue;
                 }
             };
             let new = count as i64 + delta;
             let new = if new < 0 {
-                log::error!("refcount of chunk {} went negative", crate::chunk::hex(&id));
+                log::error!(
+                    "refcount of chunk {} went negative",
+                    crate::storage::chunk::hex(&id)
+                );
                 0
             } else {
                 new as u64
@@ -320,6 +341,9 @@ impl<'a> Txn<'a> {
             }
             self.counters_dirty = true;
         }
+        if repl_seq != meta.repl_seq {
+            self.put_counter("repl_seq", repl_seq);
+        }
         if self.counters_dirty {
             self.put_counter("chunks", counters.chunks);
             self.put_counter("unique_bytes", counters.unique_bytes);
@@ -328,6 +352,14 @@ impl<'a> Txn<'a> {
         }
         self.fs.eng.write(self.batch, sync)?;
         meta.counters = counters;
+        meta.repl_seq = repl_seq;
         Ok(())
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -10,7 +10,7 @@ use std::path::{Component, Path};
 use std::time::{Duration, Instant};
 
 use crate::fs::{Fs, ROOT_INO};
-use crate::inode::{Attr, Kind};
+use crate::storage::inode::{Attr, Kind};
 use writer::TreeWriter;
 
 #[derive(Default, Debug, Clone, Copy)]

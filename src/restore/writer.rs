@@ -23,7 +23,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::inode::{Attr, Kind};
+use crate::storage::inode::{Attr, Kind};
 
 fn last() -> io::Error {
     io::Error::last_os_error()

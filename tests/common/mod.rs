@@ -69,9 +69,14 @@ impl Mount {
 
     /// Starts `cmd` (a command that ends up running `snapfs mount STORE MNT ...`) and waits
     /// for the mount to appear; its output goes to `STORE.log`.
-    pub fn spawn(mut cmd: Command, store: &Path, mnt: &Path) -> Mount {
+    pub fn spawn(cmd: Command, store: &Path, mnt: &Path) -> Mount {
+        Self::spawn_logged(cmd, store, mnt, &store.with_extension("log"))
+    }
+
+    /// `spawn`, with the daemon's output in `log`.
+    pub fn spawn_logged(mut cmd: Command, store: &Path, mnt: &Path, log: &Path) -> Mount {
         std::fs::create_dir_all(mnt).unwrap();
-        let log = store.with_extension("log");
+        let log = log.to_path_buf();
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -2,19 +2,25 @@
 //! signalled, then seal, flush and close. Also read-only snapshot mounts, served by the
 //! running daemon or, when none runs, by a process of their own.
 
+pub mod control;
+pub mod ops;
+pub mod replication;
+pub mod report;
+pub mod retention;
+pub mod space;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
 use parking_lot::Mutex;
 
-use crate::control;
+use crate::daemon::ops::Ctx;
 use crate::fs::Fs;
 use crate::fuse::FuseFs;
-use crate::ops::Ctx;
-use crate::report;
-use crate::store::Store;
-use crate::views::Views;
+
+use crate::fuse::views::Views;
+use crate::storage::store::Store;
 
 pub struct MountArgs {
     pub store: PathBuf,
@@ -30,7 +36,35 @@ pub struct MountArgs {
     pub cache_bytes: usize,
     /// Take a snapshot at this interval, then apply `keep` to automatic snapshots.
     pub snapshot_every: Option<std::time::Duration>,
-    pub keep: crate::retention::Policy,
+    pub keep: crate::daemon::retention::Policy,
+    /// `--replicate SPEC`: a backend added to the store unless one with its spec is there.
+    pub replicate: Option<crate::replica::backend::config::BackendConfig>,
+}
+
+/// Starts the store's replicator, first adding the `--replicate` backend unless the store
+/// already has one with that spec.
+fn start_replication(
+    store: &Store,
+    add: Option<crate::replica::backend::config::BackendConfig>,
+) -> Result<Arc<crate::replica::Replicator>, String> {
+    if let Some(mut cfg) = add {
+        let have = crate::replica::configured(&store.fs, &store.dir)?;
+        if !have.iter().any(|c| c.spec == cfg.spec) {
+            let base = cfg.name.clone();
+            let mut n = 1;
+            while have.iter().any(|c| c.name == cfg.name) {
+                n += 1;
+                cfg.name = format!("{base}-{n}");
+            }
+            let queued = crate::replica::add_backend(&store.fs, &store.dir, cfg.clone())?;
+            log::info!(
+                "added backend {} ({}); {queued} chunks queued",
+                cfg.name,
+                cfg.spec
+            );
+        }
+    }
+    crate::replica::Replicator::start(store.fs.clone(), &store.dir)
 }
 
 /// Frees unreferenced chunks once a minute (overwrites and unlinks queue them).
@@ -58,7 +92,11 @@ fn start_gc(fs: std::sync::Weak<Fs>) {
 }
 
 /// Takes `auto-<UTC time>` snapshots every `every` and prunes the automatic ones by `keep`.
-fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::retention::Policy) {
+fn start_auto_snapshots(
+    ctx: Arc<Ctx>,
+    every: std::time::Duration,
+    keep: crate::daemon::retention::Policy,
+) {
     let spawned = std::thread::Builder::new()
         .name("snapfs-autosnap".into())
         .spawn(move || loop {
@@ -73,10 +111,11 @@ fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::
                     continue;
                 }
             };
-            let name = crate::retention::unique_auto_name(crate::inode::Time::now().secs, |n| {
-                existing.iter().any(|e| e == n)
-            });
-            match crate::ops::snapshot_create_as(&ctx, &name, false, true) {
+            let name = crate::daemon::retention::unique_auto_name(
+                crate::storage::inode::Time::now().secs,
+                |n| existing.iter().any(|e| e == n),
+            );
+            match crate::daemon::ops::snapshot_create_as(&ctx, &name, false, true) {
                 Ok(m) => log::info!("{m}"),
                 Err(e) => log::error!("automatic snapshot failed: {e}"),
             }
@@ -86,8 +125,8 @@ fn start_auto_snapshots(ctx: Arc<Ctx>, every: std::time::Duration, keep: crate::
             let Ok(list) = ctx.fs.snapshot_list() else {
                 continue;
             };
-            for name in crate::retention::automatic_victims(&list, &keep) {
-                match crate::ops::snapshot_delete(&ctx, &name) {
+            for name in crate::daemon::retention::automatic_victims(&list, &keep) {
+                match crate::daemon::ops::snapshot_delete(&ctx, &name) {
                     Ok(m) => log::info!("retention: {m}"),
                     Err(e) => log::warn!("retention: {e}"),
                 }
@@ -165,7 +204,7 @@ fn view_idle() -> std::time::Duration {
         .ok()
         .and_then(|s| s.parse().ok())
         .map(std::time::Duration::from_secs)
-        .unwrap_or(crate::views::VIEW_IDLE)
+        .unwrap_or(crate::fuse::views::VIEW_IDLE)
 }
 
 /// Runs the daemon in the foreground. Returns when the filesystem is unmounted.
@@ -224,11 +263,16 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
             Arc::new(view)
         }
     };
+    let replicator = match a.snapshot {
+        None => Some(start_replication(&store, a.replicate.clone())?),
+        Some(_) => None,
+    };
     let ctx = Arc::new(Ctx {
         store_dir: store.dir.clone(),
         chunk_size: store.chunk_size,
         fs: store.fs.clone(),
         views: views.clone(),
+        replicator: replicator.clone(),
         mountpoint: a.snapshot.is_none().then(|| mnt.clone()),
         snap_mounts: Arc::new(Mutex::new(
             a.snapshot
@@ -244,6 +288,7 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
     if a.snapshot.is_none() {
         start_gc(Arc::downgrade(&store.fs));
     }
+    space::start(Arc::downgrade(&store.fs), store.space.clone());
     let config = config(&store.dir, a.allow_other, a.threads, a.snapshot.is_some());
     let fs = FuseFs::new(root, views, &store.dir, a.show_snapshots);
     let mut session = fuser::Session::new(fs, &mnt, &config)
@@ -270,6 +315,10 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
         if *m != mnt {
             let _ = crate::sys::umount(m, true);
         }
+    }
+    if let Some(r) = &replicator {
+        // In-flight puts finish; everything else stays queued on disk for the next mount.
+        r.stop();
     }
     let closed = if a.snapshot.is_none() {
         store.fs.shutdown()

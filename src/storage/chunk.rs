@@ -5,7 +5,7 @@
 //! header, or a wrong value under the key) is reported, never returned.
 
 use crate::error::{FsError, Result};
-use crate::keys::ChunkId;
+use crate::storage::keys::ChunkId;
 
 pub const CHUNK_FORMAT_VERSION: u8 = 1;
 pub const CODEC_RAW: u8 = 0;

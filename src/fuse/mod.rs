@@ -1,6 +1,8 @@
 //! The `fuser` adapter: translate arguments, call the core, translate the answer.
 //! All error mapping goes through `FsError::to_errno`.
 
+pub mod views;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -19,8 +21,8 @@ use parking_lot::Mutex;
 
 use crate::error::FsError;
 use crate::fs::{Creds, Fs, Handle, SetAttr, TimeSet, ROOT_INO};
-use crate::inode::{Attr, Kind, Time};
-use crate::views::{self, Views};
+use crate::fuse::views::Views;
+use crate::storage::inode::{Attr, Kind, Time};
 
 /// Attribute and entry cache lifetime granted to the kernel. Every operation that changes an
 /// inode returns its fresh attributes, and the kernel invalidates what it changed itself.

@@ -12,6 +12,11 @@
 //! | `0x21` | `21 ino:u64be`                               | orphan marker (empty)         |
 //! | `0x22` | `22 chunk_id:[u8;32]`                        | free-queue marker (empty)     |
 //! | `0x30` | `30 name`                                    | snapshot record               |
+//! | `0x40` | `40 backend:u32be seq:u64be`                 | replication queue entry (`QueueEntry`) |
+//! | `0x41` | `41 backend:u32be name`                      | a snapshot's replication state (`replica::state`) |
+//! | `0x42` | `42 backend:u32be hash:[u8;32]`              | metadata object known on the backend (empty) |
+//! | `0x43` | `43 backend:u32be chunk_id:[u8;32]`          | chunk refused for upload: failed verification (empty) |
+//! | `0x44` | `44 backend:u32be`                           | a backend of this store: its name |
 //!
 //! The chunk column family holds `chunk_id:[u8;32] -> chunk value` (see `chunk.rs`).
 //!
@@ -33,6 +38,11 @@ pub const P_REFCOUNT: u8 = 0x20;
 pub const P_ORPHAN: u8 = 0x21;
 pub const P_FREE: u8 = 0x22;
 pub const P_SNAPSHOT: u8 = 0x30;
+pub const P_REPL_QUEUE: u8 = 0x40;
+pub const P_REPL_SNAP: u8 = 0x41;
+pub const P_REPL_META: u8 = 0x42;
+pub const P_REPL_BAD: u8 = 0x43;
+pub const P_REPL_BACKEND: u8 = 0x44;
 
 pub const TAG_TOMBSTONE: u8 = 0;
 pub const TAG_LIVE: u8 = 1;
@@ -139,6 +149,103 @@ pub fn snapshot_key(name: &[u8]) -> Vec<u8> {
     let mut k = vec![P_SNAPSHOT];
     k.extend_from_slice(name);
     k
+}
+
+/// `prefix backend:u32be rest`: the layout of every replication key.
+pub fn repl_key(prefix: u8, backend: u32, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.len());
+    k.push(prefix);
+    k.extend_from_slice(&backend.to_be_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+pub fn queue_key(backend: u32, seq: u64) -> Vec<u8> {
+    repl_key(P_REPL_QUEUE, backend, &seq.to_be_bytes())
+}
+
+/// A chunk waiting for upload to one backend. Entries sort by `seq`, the order chunks were
+/// sealed in, so the first entry is the oldest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub id: ChunkId,
+    /// Wall-clock milliseconds since the Unix epoch when the chunk was sealed.
+    pub sealed_ms: u64,
+    /// Bytes of the stored (compressed) body.
+    pub stored_len: u32,
+}
+
+impl QueueEntry {
+    pub const ENCODED_LEN: usize = 44;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::ENCODED_LEN);
+        v.extend_from_slice(&self.id);
+        v.extend_from_slice(&self.sealed_ms.to_le_bytes());
+        v.extend_from_slice(&self.stored_len.to_le_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<QueueEntry> {
+        if v.len() != Self::ENCODED_LEN {
+            return None;
+        }
+        Some(QueueEntry {
+            id: v[..32].try_into().ok()?,
+            sealed_ms: le_u64(&v[32..40]),
+            stored_len: le_u32(&v[40..44]),
+        })
+    }
+}
+
+/// A snapshot's replication state on one backend (`41 backend name`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplSnap {
+    /// The snapshot needs every queue entry at or below this sequence number uploaded.
+    pub barrier_seq: u64,
+    /// Wall-clock ms when the snapshot was taken (or, for a snapshot older than the backend,
+    /// when the backend was added).
+    pub created_ms: u64,
+    /// Wall-clock ms when its completion marker was written; 0 while pending.
+    pub completed_ms: u64,
+    /// Chunk bytes uploaded for it: from the previous snapshot's completion to its own.
+    pub chunk_bytes: u64,
+    /// Metadata objects uploaded for it, and those already on the backend (skipped).
+    pub meta_uploaded: u32,
+    pub meta_skipped: u32,
+    /// Hash of its root tree object (zero while pending).
+    pub root: [u8; 32],
+}
+
+impl ReplSnap {
+    pub const ENCODED_LEN: usize = 72;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::ENCODED_LEN);
+        v.extend_from_slice(&self.barrier_seq.to_le_bytes());
+        v.extend_from_slice(&self.created_ms.to_le_bytes());
+        v.extend_from_slice(&self.completed_ms.to_le_bytes());
+        v.extend_from_slice(&self.chunk_bytes.to_le_bytes());
+        v.extend_from_slice(&self.meta_uploaded.to_le_bytes());
+        v.extend_from_slice(&self.meta_skipped.to_le_bytes());
+        v.extend_from_slice(&self.root);
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<ReplSnap> {
+        if v.len() != Self::ENCODED_LEN {
+            return None;
+        }
+        Some(ReplSnap {
+            barrier_seq: le_u64(&v[0..8]),
+            created_ms: le_u64(&v[8..16]),
+            completed_ms: le_u64(&v[16..24]),
+            chunk_bytes: le_u64(&v[24..32]),
+            meta_uploaded: le_u32(&v[32..36]),
+            meta_skipped: le_u32(&v[36..40]),
+            root: v[40..72].try_into().ok()?,
+        })
+    }
 }
 
 /// Appends the version suffix for `epoch` to a record part.

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{self, SnapshotRow};
-use crate::store::socket_path;
+use crate::daemon::ops::{self, SnapshotRow};
+use crate::storage::store::socket_path;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -62,6 +62,14 @@ pub enum Request {
         #[serde(default)]
         verify_data: bool,
     },
+    BackendAdd {
+        config: crate::replica::backend::config::BackendConfig,
+    },
+    BackendRemove {
+        name: String,
+    },
+    BackendList,
+    Status,
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -70,13 +78,17 @@ pub struct Response {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stat: Option<crate::report::StoreStat>,
+    pub stat: Option<crate::daemon::report::StoreStat>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<Vec<ops::DiffEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<crate::fs::CheckReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Vec<crate::daemon::replication::BackendInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Vec<crate::replica::status::BackendStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// An intermediate progress line (the final line has none).

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::keys::{le_u32, le_u64, TAG_LIVE};
+use crate::storage::keys::{le_u32, le_u64, TAG_LIVE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

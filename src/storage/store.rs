@@ -5,6 +5,8 @@
 //!   snapfs.lock    0600; exclusive flock held by the one process that has the store open; its pid
 //!   db/            0700; RocksDB (column families `meta` and `chunks`), files 0600
 //!   control.sock   0600; the running daemon's control socket
+//!   reserve        0600; space held back for a full disk (`storage::space`), released when
+//!                  the disk fills and allocated again when space returns
 //! ```
 //!
 //! Privacy (docs/design.md, "Security"): a new store directory is made 0700; a store others
@@ -18,9 +20,10 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::engine::{Batch, Cf, Engine};
 use crate::fs::{Creds, Fs};
-use crate::keys::{self, le_u32};
+use crate::storage::engine::{Batch, Cf, Engine};
+use crate::storage::keys::{self, le_u32};
+use crate::storage::space::Space;
 
 /// Version of the on-disk format this build writes and reads (docs/format.md).
 pub const FORMAT_VERSION: u32 = 1;
@@ -31,6 +34,7 @@ pub struct Store {
     pub dir: PathBuf,
     pub fs: Arc<Fs>,
     pub chunk_size: usize,
+    pub space: Arc<Space>,
     _lock: File,
 }
 
@@ -122,7 +126,17 @@ impl Store {
         drop(fd);
         let dir = dir.to_path_buf();
         let lock = lock(&dir)?;
-        let eng = Engine::open(&dir.join("db"))?;
+        let space = Space::new(&dir)
+            .map_err(|e| format!("cannot measure the free space of {}: {e}", dir.display()))?;
+        // A store on a full disk must still open, so that files can be deleted from it: the
+        // reserve is released if the open finds no space.
+        let low = space.free().is_ok_and(|f| space.is_low(f.free_bytes));
+        let eng = match Engine::open(&dir.join("db")) {
+            Err(e) if e.contains("No space left") && space.release_reserve() => {
+                Engine::open(&dir.join("db"))?
+            }
+            r => r?,
+        };
         let chunk_size = match read_super(&eng)? {
             Some(cs) => cs,
             None => {
@@ -143,11 +157,16 @@ impl Store {
         let fs = Fs::new(eng, chunk_size, creator)
             .map_err(|e| format!("cannot open the filesystem in {}: {e}", dir.display()))?;
         let fs = Arc::new(fs);
+        let space = Arc::new(space);
+        fs.eng.attach_space(space.clone());
+        // The floor holds from the start.
+        fs.eng.set_low_space(low);
         fs.start_sealer();
         Ok(Store {
             dir,
             fs,
             chunk_size,
+            space,
             _lock: lock,
         })
     }

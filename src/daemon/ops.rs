@@ -9,11 +9,11 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{Request, Response};
+use crate::daemon::control::{Request, Response};
 use crate::error::FsError;
 use crate::fs::{check_snapshot_name, Fs, ROOT_INO};
-use crate::inode::{Attr, Kind, Time};
-use crate::views::Views;
+use crate::fuse::views::Views;
+use crate::storage::inode::{Attr, Kind, Time};
 
 pub struct Ctx {
     pub store_dir: PathBuf,
@@ -24,6 +24,8 @@ pub struct Ctx {
     pub mountpoint: Option<PathBuf>,
     /// Snapshot mounts this daemon serves: (name, mountpoint).
     pub snap_mounts: Arc<Mutex<Vec<(String, PathBuf)>>>,
+    /// The daemon's replicator (None for a CLI that opened the store itself).
+    pub replicator: Option<Arc<crate::replica::Replicator>>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -450,7 +452,12 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String) -> bool)
         Err(e) => Response::fail(e),
     };
     match req {
-        Request::Stat => match crate::report::stat(&ctx.fs, &ctx.store_dir, ctx.chunk_size) {
+        Request::BackendAdd { .. }
+        | Request::BackendRemove { .. }
+        | Request::BackendList
+        | Request::Status => crate::daemon::replication::handle(ctx, req),
+        Request::Stat => match crate::daemon::report::stat(&ctx.fs, &ctx.store_dir, ctx.chunk_size)
+        {
             Ok(s) => Response {
                 ok: true,
                 stat: Some(s),

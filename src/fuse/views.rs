@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 
 use crate::error::{FsError, Result};
 use crate::fs::{Fs, ROOT_INO};
-use crate::inode::{Attr, Kind};
+use crate::storage::inode::{Attr, Kind};
 
 pub const SLOT_SHIFT: u32 = 48;
 pub const INO_MASK: u64 = (1 << SLOT_SHIFT) - 1;

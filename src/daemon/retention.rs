@@ -6,8 +6,8 @@
 //! UTC). A snapshot kept by any rule is kept; the newest snapshot is kept by every non-empty
 //! policy, so one just taken is never deleted, whatever its time says.
 
+use crate::daemon::ops::utc;
 use crate::fs::SnapshotInfo;
-use crate::ops::utc;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fs::Fs;
-use crate::inode::{Attr, Kind};
-use crate::keys;
+use crate::storage::inode::{Attr, Kind};
+use crate::storage::keys;
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct StoreStat {
@@ -36,6 +36,9 @@ pub struct StoreStat {
     pub dedup_ratio: f64,
     /// unique_bytes / stored_bytes.
     pub compression_ratio: f64,
+    /// Free space on the store's filesystem and whether writes are accepted.
+    #[serde(default)]
+    pub space: crate::daemon::space::SpaceStat,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -94,12 +97,16 @@ pub fn stat(fs: &Fs, dir: &Path, chunk_size: usize) -> Result<StoreStat, String>
         .map_err(|e| format!("cannot list snapshots: {e}"))?
         .len() as u64;
     let c = fs.counters();
+    let space = crate::storage::space::Space::new(dir)
+        .map(|s| crate::daemon::space::status(fs, &s))
+        .unwrap_or_default();
     Ok(StoreStat {
+        space,
         live_unique_bytes: live_unique,
         snapshot_only_bytes: c.unique_bytes.saturating_sub(live_unique),
         snapshots,
         store: dir.display().to_string(),
-        format_version: crate::store::FORMAT_VERSION,
+        format_version: crate::storage::store::FORMAT_VERSION,
         chunk_size: chunk_size as u64,
         files,
         directories,
@@ -147,7 +154,8 @@ impl StoreStat {
              held by snapshots: {} ({})\n\
              disk usage:        {} ({})\n\
              dedup ratio:       {:.2}x\n\
-             compression ratio: {:.2}x\n",
+             compression ratio: {:.2}x\n\
+             space:             {} ({} free of {}, floor {}, reserve {})\n",
             self.store,
             self.format_version,
             human(self.chunk_size),
@@ -171,6 +179,14 @@ impl StoreStat {
             human(self.disk_bytes),
             self.dedup_ratio,
             self.compression_ratio,
+            self.space.state,
+            human(self.space.free_bytes),
+            human(self.space.total_bytes),
+            human(self.space.floor_bytes),
+            match self.space.reserve_present {
+                true => human(self.space.reserve_bytes),
+                false => "released".into(),
+            },
         )
     }
 }

@@ -1,0 +1,320 @@
+//! The replication commands of the CLI: `backend add|list|remove`, `status`, `snapshot wait`,
+//! `snapshot list --from`, `recover`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use snapfs::daemon::control::Request;
+use snapfs::replica::backend::config::{self, BackendConfig};
+use snapfs::replica::backend::Backend;
+use snapfs::replica::status::BackendStatus;
+
+use crate::{checked, json, print_message, run};
+
+/// Where a backend is and how to reach it: the options every SPEC takes.
+#[derive(clap::Args, Clone, Default)]
+pub struct SpecOpts {
+    /// S3 endpoint URL (e.g. http://127.0.0.1:3900); default AWS_ENDPOINT_URL, else AWS.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// S3 region; default AWS_REGION or AWS_DEFAULT_REGION, else us-east-1.
+    #[arg(long)]
+    pub region: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BackendCmd {
+    /// Add a backend to a store (or its mountpoint). Everything the store already holds is
+    /// queued for it. SPEC: dir:/ABS/PATH or s3://BUCKET[/PREFIX]. S3 credentials come from
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS credentials file and are kept in
+    /// STORE/backends/NAME.json (mode 0600), so a daemon started later can use them.
+    Add {
+        target: PathBuf,
+        name: String,
+        spec: String,
+        #[command(flatten)]
+        opts: SpecOpts,
+        /// Upload bandwidth limit, e.g. 100MiB/s.
+        #[arg(long, value_parser = parse_rate)]
+        limit: Option<u64>,
+    },
+    /// List a store's backends.
+    List {
+        target: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a backend from a store: its queue goes; nothing is deleted on the backend.
+    Remove { target: PathBuf, name: String },
+}
+
+/// A rate: a size per second, e.g. 100MiB/s (the "/s" may be left out).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let n = crate::parse_size(t)? as u64;
+    if n == 0 {
+        return Err("a bandwidth limit must be positive".into());
+    }
+    Ok(n)
+}
+
+/// A backend configuration from a SPEC and its options, credentials from the environment.
+pub fn resolve(
+    name: &str,
+    spec: &str,
+    o: &SpecOpts,
+    limit: Option<u64>,
+) -> Result<BackendConfig, String> {
+    config::new_config(
+        name,
+        0,
+        spec,
+        o.endpoint.as_deref(),
+        o.region.as_deref(),
+        limit,
+        &config::process_env,
+    )
+}
+
+/// Opens a backend named only by a SPEC (no store): `--from`.
+pub fn open_spec(spec: &str, o: &SpecOpts) -> Result<Box<dyn Backend>, String> {
+    let cfg = resolve("from", spec, o, None)?;
+    config::open(&cfg)
+}
+
+/// A `dir:` backend's directory is made when the backend is added (never when it is read:
+/// a missing directory there means an unmounted disk, not an empty backup).
+pub fn create_dir_root(cfg: &BackendConfig) -> Result<(), String> {
+    if let config::SpecKind::Dir(p) = config::parse_spec(&cfg.spec)? {
+        if !p.exists() {
+            std::fs::create_dir_all(&p)
+                .map_err(|e| format!("cannot create backend directory {}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
+    match c {
+        BackendCmd::Add {
+            target,
+            name,
+            spec,
+            opts,
+            limit,
+        } => {
+            let config = resolve(&name, &spec, &opts, limit)?;
+            create_dir_root(&config)?;
+            print_message(checked(run(&target, Request::BackendAdd { config })?)?);
+        }
+        BackendCmd::List { target, json: j } => {
+            let list = checked(run(&target, Request::BackendList)?)?
+                .backends
+                .unwrap_or_default();
+            if j {
+                return json(&list);
+            }
+            if list.is_empty() {
+                println!("no backends");
+            }
+            for b in list {
+                let mut extra = String::new();
+                if let Some(e) = &b.endpoint {
+                    extra += &format!(" endpoint {e}");
+                }
+                if let Some(l) = b.limit_bytes_per_sec {
+                    extra += &format!(" limit {}/s", snapfs::daemon::report::human(l));
+                }
+                println!("{:<16} {}{extra}", b.name, b.spec);
+            }
+        }
+        BackendCmd::Remove { target, name } => {
+            print_message(checked(run(&target, Request::BackendRemove { name })?)?);
+        }
+    }
+    Ok(())
+}
+
+fn statuses(target: &Path) -> Result<Vec<BackendStatus>, String> {
+    Ok(checked(run(target, Request::Status)?)?
+        .status
+        .unwrap_or_default())
+}
+
+pub fn status(target: &Path, as_json: bool) -> Result<(), String> {
+    let s = statuses(target)?;
+    if as_json {
+        return json(&serde_json::json!({ "backends": s }));
+    }
+    print!("{}", snapfs::replica::status::to_text(&s));
+    Ok(())
+}
+
+/// Waits until snapshot `name` is complete on every backend (or `backend`). Exit 1 with a
+/// message on timeout.
+pub fn wait(
+    target: &Path,
+    name: &str,
+    backend: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let all = statuses(target)?;
+        if all.is_empty() {
+            return Err("this store has no backends: nothing to wait for".into());
+        }
+        let chosen: Vec<&BackendStatus> = match backend {
+            Some(b) => {
+                let v: Vec<_> = all.iter().filter(|s| s.name == b).collect();
+                if v.is_empty() {
+                    return Err(format!("this store has no backend named {b}"));
+                }
+                v
+            }
+            None => all.iter().collect(),
+        };
+        let mut missing = Vec::new();
+        for b in &chosen {
+            match b.snapshots.iter().find(|s| s.name == name) {
+                Some(s) if s.complete => {}
+                Some(_) => missing.push(format!(
+                    "{} ({} chunks, {} pending{})",
+                    b.name,
+                    b.pending_chunks,
+                    snapfs::daemon::report::human(b.pending_bytes),
+                    b.last_error
+                        .as_ref()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
+                )),
+                None => {
+                    return Err(format!(
+                        "snapshot {name} is not known to backend {} (no such snapshot, or it \
+                         was deleted before it was complete there)",
+                        b.name
+                    ))
+                }
+            }
+        }
+        if missing.is_empty() {
+            let windows: Vec<String> = chosen
+                .iter()
+                .filter_map(|b| {
+                    let s = b.snapshots.iter().find(|s| s.name == name)?;
+                    Some(format!(
+                        "{} ({:.3} s)",
+                        b.name,
+                        s.window_seconds.unwrap_or(0.0)
+                    ))
+                })
+                .collect();
+            println!("snapshot {name} is complete on {}", windows.join(", "));
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "timed out after {:.0} s: snapshot {name} is not complete on {}",
+                timeout.as_secs_f64(),
+                missing.join(", ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn list_from(spec: &str, o: &SpecOpts, as_json: bool) -> Result<(), String> {
+    let b = open_spec(spec, o)?;
+    let markers = snapfs::replica::recover::list_snapshots(b.as_ref())?;
+    #[derive(serde::Serialize)]
+    struct Row {
+        name: String,
+        id: u64,
+        created: String,
+        created_unix: i64,
+        files: u64,
+        logical_bytes: u64,
+        automatic: bool,
+    }
+    let rows: Vec<Row> = markers
+        .iter()
+        .map(|m| Row {
+            name: m.name.clone(),
+            id: m.epoch,
+            created: snapfs::daemon::ops::rfc3339(m.created.secs),
+            created_unix: m.created.secs,
+            files: m.files,
+            logical_bytes: m.bytes,
+            automatic: m.automatic,
+        })
+        .collect();
+    if as_json {
+        return json(&rows);
+    }
+    println!(
+        "{:<32} {:>6} {:<21} {:>8} {:>12}",
+        "NAME", "ID", "CREATED", "FILES", "LOGICAL"
+    );
+    for r in rows {
+        println!(
+            "{:<32} {:>6} {:<21} {:>8} {:>12}",
+            r.name,
+            r.id,
+            r.created,
+            r.files,
+            snapfs::daemon::report::human(r.logical_bytes)
+        );
+    }
+    Ok(())
+}
+
+pub fn recover(
+    spec: &str,
+    o: &SpecOpts,
+    dir: &Path,
+    only: Option<&str>,
+    as_json: bool,
+) -> Result<(), String> {
+    let b = open_spec(spec, o)?;
+    let tty = std::io::stderr().is_terminal();
+    let mut last = Instant::now();
+    let mut report = |p: &snapfs::replica::recover::Progress| {
+        let line = format!(
+            "recover: snapshot {} ({}/{}), {} files, {} chunks fetched ({})",
+            p.snapshot,
+            p.snapshots_done,
+            p.snapshots_total,
+            p.files,
+            p.chunks_fetched,
+            snapfs::daemon::report::human(p.bytes_fetched)
+        );
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else if last.elapsed() >= Duration::from_secs(1) || p.snapshots_done == p.snapshots_total
+        {
+            eprintln!("{line}");
+            last = Instant::now();
+        }
+    };
+    let r = snapfs::replica::recover::recover(b.as_ref(), dir, only, &mut report);
+    if tty {
+        eprintln!();
+    }
+    let r = r?;
+    if as_json {
+        return json(&r);
+    }
+    println!(
+        "recovered {} snapshots ({}) into {}: {} files, {} chunks fetched ({}); the live tree is {}",
+        r.snapshots.len(),
+        r.snapshots.join(", "),
+        dir.display(),
+        r.files,
+        r.chunks_fetched,
+        snapfs::daemon::report::human(r.bytes_fetched),
+        r.snapshots.last().map_or("empty", |s| s.as_str())
+    );
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Operator requests about backends and replication: `backend add|list|remove`, `status`.
+//! With a running daemon they act on its replicator (a new backend starts uploading at
+//! once); without one, on the store directly (the queue fills; uploads start at the next
+//! mount).
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::control::{Request, Response};
+use crate::daemon::ops::Ctx;
+use crate::replica::backend::config::BackendConfig;
+use crate::replica::status::{self, BackendStatus};
+
+/// What `backend list` shows (never the credentials).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BackendInfo {
+    pub name: String,
+    pub id: u32,
+    pub spec: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub limit_bytes_per_sec: Option<u64>,
+    pub has_credentials: bool,
+}
+
+impl From<&BackendConfig> for BackendInfo {
+    fn from(c: &BackendConfig) -> BackendInfo {
+        BackendInfo {
+            name: c.name.clone(),
+            id: c.id,
+            spec: c.spec.clone(),
+            endpoint: c.endpoint.clone(),
+            region: c.region.clone(),
+            limit_bytes_per_sec: c.limit_bytes_per_sec,
+            has_credentials: c.credentials.is_some(),
+        }
+    }
+}
+
+pub fn statuses(ctx: &Ctx) -> Result<Vec<BackendStatus>, String> {
+    let lanes = ctx
+        .replicator
+        .as_ref()
+        .map(|r| r.lanes())
+        .unwrap_or_default();
+    crate::replica::configured(&ctx.fs, &ctx.store_dir)?
+        .iter()
+        .map(|c| {
+            status::backend_status(
+                &ctx.fs,
+                c,
+                lanes.iter().find(|l| l.id == c.id).map(|l| &**l),
+            )
+        })
+        .collect()
+}
+
+pub fn handle(ctx: &Ctx, req: Request) -> Response {
+    let r: Result<Response, String> = (|| match req {
+        Request::BackendAdd { config } => {
+            let name = config.name.clone();
+            let spec = config.spec.clone();
+            let queued = match &ctx.replicator {
+                Some(r) => r.add(config)?,
+                None => crate::replica::add_backend(&ctx.fs, &ctx.store_dir, config)?,
+            };
+            let when = match ctx.replicator {
+                Some(_) => "uploading now",
+                None => "uploads start when the store is mounted",
+            };
+            Ok(Response {
+                ok: true,
+                message: Some(format!(
+                    "added backend {name} ({spec}); {queued} chunks queued, {when}"
+                )),
+                ..Default::default()
+            })
+        }
+        Request::BackendRemove { name } => {
+            match &ctx.replicator {
+                Some(r) => r.remove(&name)?,
+                None => crate::replica::remove_backend(&ctx.fs, &ctx.store_dir, &name)?,
+            }
+            Ok(Response {
+                ok: true,
+                message: Some(format!(
+                    "removed backend {name} (nothing was deleted on the backend itself)"
+                )),
+                ..Default::default()
+            })
+        }
+        Request::BackendList => {
+            let list = crate::replica::configured(&ctx.fs, &ctx.store_dir)?
+                .iter()
+                .map(BackendInfo::from)
+                .collect();
+            Ok(Response {
+                ok: true,
+                backends: Some(list),
+                ..Default::default()
+            })
+        }
+        Request::Status => Ok(Response {
+            ok: true,
+            status: Some(statuses(ctx)?),
+            ..Default::default()
+        }),
+        _ => Err("internal: not a replication request".into()),
+    })();
+    r.unwrap_or_else(Response::fail)
+}

@@ -1,0 +1,568 @@
+//! One backend's replication: the uploaders that drain its queue, and the thread that writes
+//! its snapshot manifests (docs/replication.md, "The queue").
+//!
+//! State machine of a queue entry (`40 backend seq`, written in the batch that sealed the
+//! chunk): *queued* → *in flight* (an uploader read it; memory only) → deleted once the
+//! backend acknowledged a durable put, or once the chunk turned out to be freed locally (GC
+//! deleted it before its turn), or refused (it failed verification: `43 backend id` records
+//! it, and every snapshot that needs it stays incomplete). A failed put leaves it queued,
+//! with a per-entry backoff in memory; after a crash every entry still queued is tried again
+//! (at-least-once; puts are idempotent).
+//!
+//! Memory is bounded whatever the queue's length: the dispatcher reads at most `SCAN` entries
+//! from the head of the queue per pass, keeps at most `SCAN` backoff records, and hands at most
+//! `CONCURRENCY` chunks to uploaders through a channel of that capacity (so at most
+//! 2 × `CONCURRENCY` chunk bodies are in memory).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::fs::Fs;
+use crate::replica::backend::{Backend, BackendError};
+use crate::replica::format;
+use crate::replica::manifest::{Builder, Known};
+use crate::storage::engine::{Batch, Cf};
+use crate::storage::keys::{self, ChunkId, QueueEntry, ReplSnap};
+
+/// Uploads in flight per backend.
+pub const CONCURRENCY: usize = 4;
+/// Queue entries the dispatcher looks at per pass.
+const SCAN: usize = 256;
+/// How often an idle lane looks at its queue and its pending snapshots.
+const IDLE_POLL: Duration = Duration::from_millis(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A smooth bandwidth limit with small bursts: tokens accrue at `rate` bytes/s up to `burst`;
+/// a put takes its size and may go into debt, which the next put waits off.
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(rate_bytes_per_sec: u64) -> TokenBucket {
+        let rate = rate_bytes_per_sec.max(1) as f64;
+        // A tenth of a second of traffic, at least one 1 MiB chunk.
+        let burst = (rate / 10.0).max(1048576.0);
+        TokenBucket {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    pub fn take(&self, n: usize) {
+        let wait = {
+            let mut s = self.state.lock();
+            let now = Instant::now();
+            let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
+            s.0 = (s.0 + refill).min(self.burst) - n as f64;
+            s.1 = now;
+            if s.0 < 0.0 {
+                Duration::from_secs_f64(-s.0 / self.rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Figures of one lane, in memory (the queue itself is the durable part).
+#[derive(Default)]
+pub struct LaneStats {
+    pub uploaded_bytes: AtomicU64,
+    pub uploaded_chunks: AtomicU64,
+    /// Chunks refused because they failed verification before upload.
+    pub bad_chunks: AtomicU64,
+    /// Queue entries dropped because the chunk was freed locally before its turn.
+    pub dropped_freed: AtomicU64,
+    /// Failed puts (each retried).
+    pub failed_puts: AtomicU64,
+    pub last_error: Mutex<Option<(String, u64)>>,
+    /// (bytes, at) samples of the last seconds, for the throughput figure.
+    samples: Mutex<Vec<(u64, Instant)>>,
+}
+
+impl LaneStats {
+    fn error(&self, msg: String) {
+        log::warn!("{msg}");
+        *self.last_error.lock() = Some((msg, crate::fs::now_ms()));
+    }
+
+    fn uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.uploaded_chunks.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut s = self.samples.lock();
+        s.push((bytes, now));
+        s.retain(|(_, t)| now.duration_since(*t) < Duration::from_secs(10));
+    }
+
+    /// Bytes per second over the last 10 seconds.
+    pub fn throughput(&self) -> f64 {
+        let now = Instant::now();
+        let s = self.samples.lock();
+        let bytes: u64 = s
+            .iter()
+            .filter(|(_, t)| now.duration_since(*t) < Duration::from_secs(10))
+            .map(|(b, _)| b)
+            .sum();
+        bytes as f64 / 10.0
+    }
+}
+
+pub struct Lane {
+    pub id: u32,
+    pub name: String,
+    pub spec: String,
+    pub backend: Arc<dyn Backend>,
+    pub stats: LaneStats,
+    fs: Arc<Fs>,
+    bucket: Option<TokenBucket>,
+    stop: AtomicBool,
+    /// seq -> (attempts, not before): entries in flight or waiting out a backoff.
+    busy: Mutex<HashMap<u64, (u32, Option<Instant>)>>,
+    /// The whole backend failed recently: no new puts before this.
+    pause_until: Mutex<Option<Instant>>,
+    consecutive_failures: AtomicU64,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Serializes acknowledgements, so the persistent byte counter only grows.
+    ack_lock: Mutex<()>,
+}
+
+/// The counter of bytes uploaded to backend `id`, kept in the batches that dequeue.
+pub fn uploaded_counter(id: u32) -> String {
+    format!("repl_uploaded_{id}")
+}
+
+fn jittered(base: Duration, attempts: u32) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(BACKOFF_MAX);
+    // Jitter in [0.5, 1.5) from the clock's low bits: enough to spread retries.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    exp.mul_f64(0.5 + (nanos % 1000) as f64 / 1000.0)
+}
+
+impl Lane {
+    pub fn new(
+        fs: Arc<Fs>,
+        id: u32,
+        name: String,
+        spec: String,
+        backend: Arc<dyn Backend>,
+        limit: Option<u64>,
+    ) -> Arc<Lane> {
+        let stats = LaneStats::default();
+        let uploaded = fs
+            .eng
+            .get(Cf::Meta, &keys::counter_key(&uploaded_counter(id)))
+            .ok()
+            .flatten()
+            .filter(|v| v.len() == 8)
+            .map_or(0, |v| keys::le_u64(&v));
+        stats.uploaded_bytes.store(uploaded, Ordering::Relaxed);
+        Arc::new(Lane {
+            id,
+            name,
+            spec,
+            backend,
+            stats,
+            fs,
+            bucket: limit.map(TokenBucket::new),
+            stop: AtomicBool::new(false),
+            busy: Mutex::new(HashMap::new()),
+            pause_until: Mutex::new(None),
+            consecutive_failures: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+            ack_lock: Mutex::new(()),
+        })
+    }
+
+    /// Starts the dispatcher, the uploaders and the manifest writer.
+    pub fn start(self: &Arc<Self>) -> Result<(), String> {
+        let (tx, rx) = crossbeam_channel::bounded::<(u64, QueueEntry)>(CONCURRENCY);
+        let mut threads = self.threads.lock();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .stack_size(16 << 20)
+                .spawn(f)
+                .map_err(|e| format!("cannot start a replication thread: {e}"))
+        };
+        for i in 0..CONCURRENCY {
+            let lane = self.clone();
+            let rx = rx.clone();
+            threads.push(spawn(
+                format!("snapfs-up-{}-{i}", self.id),
+                Box::new(move || {
+                    while let Ok((seq, e)) = rx.recv() {
+                        lane.upload(seq, e);
+                    }
+                }),
+            )?);
+        }
+        let lane = self.clone();
+        threads.push(spawn(
+            format!("snapfs-queue-{}", self.id),
+            Box::new(move || lane.dispatch(tx)),
+        )?);
+        let lane = self.clone();
+        threads.push(spawn(
+            format!("snapfs-manifest-{}", self.id),
+            Box::new(move || lane.manifests()),
+        )?);
+        Ok(())
+    }
+
+    /// Stops every thread of this lane and waits for them (in-flight puts finish first).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn dispatch(&self, tx: crossbeam_channel::Sender<(u64, QueueEntry)>) {
+        let prefix = keys::repl_key(keys::P_REPL_QUEUE, self.id, &[]);
+        while !self.stopped() {
+            let paused = self.pause_until.lock().is_some_and(|t| Instant::now() < t);
+            let mut sent = 0;
+            if !paused {
+                let now = Instant::now();
+                let mut ready = Vec::new();
+                if let Ok(r) = self.fs.eng.reader() {
+                    for item in r.scan(Cf::Meta, &prefix, &prefix).take(SCAN) {
+                        let Ok((k, v)) = item else { break };
+                        let seq = keys::be_u64(&k[5..]);
+                        let busy = self.busy.lock();
+                        match busy.get(&seq) {
+                            Some((_, None)) => continue,
+                            Some((_, Some(t))) if *t > now => continue,
+                            _ => {}
+                        }
+                        drop(busy);
+                        match QueueEntry::decode(&v) {
+                            Some(e) => ready.push((seq, e)),
+                            None => {
+                                log::error!(
+                                    "backend {}: queue entry {seq} does not decode",
+                                    self.name
+                                );
+                                self.ack(seq, 0);
+                            }
+                        }
+                    }
+                }
+                for (seq, e) in ready {
+                    {
+                        let mut busy = self.busy.lock();
+                        let attempts = busy.get(&seq).map_or(0, |b| b.0);
+                        busy.insert(seq, (attempts, None));
+                    }
+                    if tx.send((seq, e)).is_err() {
+                        return;
+                    }
+                    sent += 1;
+                    if self.stopped() {
+                        return;
+                    }
+                }
+            }
+            if sent == 0 {
+                std::thread::sleep(IDLE_POLL);
+            }
+        }
+    }
+
+    /// Deletes a queue entry after `uploaded` bytes reached the backend (not synced: losing
+    /// it in a crash means one more upload).
+    fn ack(&self, seq: u64, uploaded: u64) {
+        let _order = self.ack_lock.lock();
+        let mut b = Batch::new();
+        self.fs
+            .eng
+            .delete(&mut b, Cf::Meta, &keys::queue_key(self.id, seq));
+        if uploaded > 0 {
+            let total = self.stats.uploaded_bytes.load(Ordering::Relaxed) + uploaded;
+            self.fs.eng.put(
+                &mut b,
+                Cf::Meta,
+                &keys::counter_key(&uploaded_counter(self.id)),
+                &total.to_le_bytes(),
+            );
+            self.stats.uploaded(uploaded);
+        }
+        if let Err(e) = self.fs.eng.write(b, false) {
+            log::warn!(
+                "backend {}: cannot remove queue entry {seq}: {e}",
+                self.name
+            );
+        }
+        self.busy.lock().remove(&seq);
+    }
+
+    fn retry_later(&self, seq: u64, msg: String) {
+        self.stats.failed_puts.fetch_add(1, Ordering::Relaxed);
+        self.stats.error(msg);
+        let n = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) as u32 + 1;
+        *self.pause_until.lock() = Some(Instant::now() + jittered(BACKOFF_MIN, n.min(10)));
+        let mut busy = self.busy.lock();
+        let attempts = busy.get(&seq).map_or(0, |b| b.0) + 1;
+        busy.insert(
+            seq,
+            (
+                attempts,
+                Some(Instant::now() + jittered(BACKOFF_MIN, attempts)),
+            ),
+        );
+        // Bounded: backoff records beyond the scan window are forgotten (and retried sooner).
+        if busy.len() > 4 * SCAN {
+            busy.retain(|_, (_, t)| t.is_none());
+        }
+    }
+
+    fn upload(&self, seq: u64, e: QueueEntry) {
+        if self.stopped() {
+            self.busy.lock().remove(&seq);
+            return;
+        }
+        let stored = match self.fs.eng.get(Cf::Chunks, &e.id) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // Freed locally (GC) before its turn: nothing needs it any more.
+                self.stats.dropped_freed.fetch_add(1, Ordering::Relaxed);
+                self.ack(seq, 0);
+                return;
+            }
+            Err(err) => {
+                self.retry_later(
+                    seq,
+                    format!("cannot read chunk {}: {err}", format::hex(&e.id)),
+                );
+                return;
+            }
+        };
+        if crate::storage::chunk::decode(&e.id, &stored).is_err() {
+            self.refuse(seq, &e.id);
+            return;
+        }
+        let obj = format::chunk_object(&stored);
+        if let Some(b) = &self.bucket {
+            b.take(obj.len());
+        }
+        match self.backend.put(&format::chunk_name(&e.id), &obj) {
+            Ok(()) => {
+                self.consecutive_failures.store(0, Ordering::Release);
+                *self.pause_until.lock() = None;
+                self.ack(seq, obj.len() as u64);
+            }
+            Err(err) => {
+                let kind = match err {
+                    BackendError::Permanent(_) => " (retrying cannot help until it is fixed)",
+                    _ => "",
+                };
+                self.retry_later(
+                    seq,
+                    format!(
+                        "backend {}: upload of chunk {} failed{kind}: {err}",
+                        self.name,
+                        format::hex(&e.id)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A chunk that fails verification is never uploaded: recorded, reported, dequeued.
+    fn refuse(&self, seq: u64, id: &ChunkId) {
+        self.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
+        self.stats.error(format!(
+            "backend {}: chunk {} failed verification (decompress + blake3) and was not \
+             uploaded; snapshots that need it cannot complete",
+            self.name,
+            format::hex(id)
+        ));
+        let mut b = Batch::new();
+        self.fs.eng.put(
+            &mut b,
+            Cf::Meta,
+            &keys::repl_key(keys::P_REPL_BAD, self.id, id),
+            &[],
+        );
+        self.fs
+            .eng
+            .delete(&mut b, Cf::Meta, &keys::queue_key(self.id, seq));
+        if let Err(e) = self.fs.eng.write(b, true) {
+            log::error!("backend {}: cannot record a bad chunk: {e}", self.name);
+        }
+        self.busy.lock().remove(&seq);
+    }
+
+    /// The sequence number of the oldest queued entry, if any.
+    pub fn queue_head(&self) -> Result<Option<u64>, String> {
+        let prefix = keys::repl_key(keys::P_REPL_QUEUE, self.id, &[]);
+        let first = self
+            .fs
+            .eng
+            .seek(Cf::Meta, &prefix, &prefix)
+            .map_err(|e| e.to_string())?;
+        Ok(first.map(|(k, _)| keys::be_u64(&k[5..])))
+    }
+
+    fn manifests(&self) {
+        let mut last_error = String::new();
+        let mut repo_written = false;
+        while !self.stopped() {
+            let r = (|| -> Result<bool, String> {
+                if !repo_written {
+                    let obj = format::repo_object(self.fs.chunk_size as u32);
+                    self.backend
+                        .put(format::REPO_NAME, &obj)
+                        .map_err(|e| format!("cannot write the repository descriptor: {e}"))?;
+                    repo_written = true;
+                }
+                self.complete_one()
+            })();
+            match r {
+                Ok(true) => {
+                    last_error.clear();
+                    continue;
+                }
+                Ok(false) => {}
+                Err(m) => {
+                    if m != last_error {
+                        self.stats.error(format!("backend {}: {m}", self.name));
+                        last_error = m;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            std::thread::sleep(IDLE_POLL);
+        }
+    }
+
+    /// Completes the oldest pending snapshot whose chunks are all uploaded. Ok(true) if it did.
+    fn complete_one(&self) -> Result<bool, String> {
+        let prefix = keys::repl_key(keys::P_REPL_SNAP, self.id, &[]);
+        let mut pending: Vec<(String, ReplSnap)> = Vec::new();
+        let r = self.fs.eng.reader().map_err(|e| e.to_string())?;
+        for item in r.scan(Cf::Meta, &prefix, &prefix) {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            let Some(s) = ReplSnap::decode(&v) else {
+                continue;
+            };
+            if s.completed_ms == 0 {
+                pending.push((String::from_utf8_lossy(&k[5..]).into_owned(), s));
+            }
+        }
+        drop(r);
+        pending.sort_by_key(|(_, s)| s.barrier_seq);
+        let Some((name, mut state)) = pending.into_iter().next() else {
+            return Ok(false);
+        };
+        if self.queue_head()?.is_some_and(|h| h <= state.barrier_seq) {
+            return Ok(false);
+        }
+        let key = keys::repl_key(keys::P_REPL_SNAP, self.id, name.as_bytes());
+        let view = match self.fs.snapshot_view(&name) {
+            Ok(v) => v,
+            Err(_) => {
+                // Deleted locally before it was complete here: nothing to send.
+                let mut b = Batch::new();
+                self.fs.eng.delete(&mut b, Cf::Meta, &key);
+                self.fs.eng.write(b, false).map_err(|e| e.to_string())?;
+                return Ok(true);
+            }
+        };
+        let info = self.fs.snapshot_get(&name).map_err(|e| e.to_string())?;
+        let mut known = LaneKnown { lane: self };
+        let mut builder = Builder::new(&view, self.backend.as_ref(), &mut known);
+        let root = builder.build()?;
+        let stats = builder.stats;
+        let marker = format::Marker {
+            name: name.clone(),
+            epoch: info.epoch,
+            created: crate::storage::inode::Time {
+                secs: info.created,
+                nanos: info.created_nanos,
+            },
+            automatic: info.automatic,
+            chunk_size: self.fs.chunk_size as u32,
+            root,
+            files: stats.files,
+            bytes: stats.bytes,
+        };
+        // Every object the marker leads to is durable on the backend: the marker goes last.
+        self.backend
+            .put(&format::marker_name(&name), &format::marker_object(&marker))
+            .map_err(|e| format!("cannot write the marker of snapshot {name}: {e}"))?;
+        let uploaded = self.stats.uploaded_bytes.load(Ordering::Relaxed);
+        state.completed_ms = crate::fs::now_ms().max(state.created_ms);
+        state.chunk_bytes = uploaded;
+        state.meta_uploaded = stats.uploaded;
+        state.meta_skipped = stats.skipped;
+        if let format::Body::Dir(h) = marker.root.body {
+            state.root = h;
+        }
+        let mut b = Batch::new();
+        self.fs.eng.put(&mut b, Cf::Meta, &key, &state.encode());
+        self.fs.eng.write(b, true).map_err(|e| e.to_string())?;
+        log::info!(
+            "snapshot {name} is complete on backend {} ({} ms after it was taken; {} metadata \
+             objects uploaded, {} already there)",
+            self.name,
+            state.completed_ms - state.created_ms,
+            stats.uploaded,
+            stats.skipped
+        );
+        Ok(true)
+    }
+}
+
+struct LaneKnown<'a> {
+    lane: &'a Lane,
+}
+
+impl Known for LaneKnown<'_> {
+    fn has_meta(&mut self, hash: &format::Hash) -> Result<bool, String> {
+        let k = keys::repl_key(keys::P_REPL_META, self.lane.id, hash);
+        self.lane
+            .fs
+            .eng
+            .exists(Cf::Meta, &k)
+            .map_err(|e| e.to_string())
+    }
+
+    fn add_meta(&mut self, hash: &format::Hash) -> Result<(), String> {
+        let k = keys::repl_key(keys::P_REPL_META, self.lane.id, hash);
+        let mut b = Batch::new();
+        self.lane.fs.eng.put(&mut b, Cf::Meta, &k, &[]);
+        self.lane.fs.eng.write(b, false).map_err(|e| e.to_string())
+    }
+
+    fn is_bad_chunk(&mut self, id: &ChunkId) -> Result<bool, String> {
+        let k = keys::repl_key(keys::P_REPL_BAD, self.lane.id, id);
+        self.lane
+            .fs
+            .eng
+            .exists(Cf::Meta, &k)
+            .map_err(|e| e.to_string())
+    }
+}
