@@ -35,7 +35,7 @@ const SCAN: usize = 256;
 /// How often an idle lane looks at its queue and its pending snapshots.
 const IDLE_POLL: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A smooth bandwidth limit with small bursts: tokens accrue at `rate` bytes/s up to `burst`;
 /// a put takes its size and may go into debt, which the next put waits off.
@@ -321,8 +321,10 @@ impl Lane {
     fn retry_later(&self, seq: u64, msg: String) {
         self.stats.failed_puts.fetch_add(1, Ordering::Relaxed);
         self.stats.error(msg);
+        // The whole lane pauses too (the backend is likely down): at most ~10 s, so that it
+        // notices soon when the backend is back; each entry keeps its own longer backoff.
         let n = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) as u32 + 1;
-        *self.pause_until.lock() = Some(Instant::now() + jittered(BACKOFF_MIN, n.min(10)));
+        *self.pause_until.lock() = Some(Instant::now() + jittered(BACKOFF_MIN, n.min(5)));
         let mut busy = self.busy.lock();
         let attempts = busy.get(&seq).map_or(0, |b| b.0) + 1;
         busy.insert(
@@ -349,6 +351,11 @@ impl Lane {
                 // Freed locally (GC) before its turn: nothing needs it any more.
                 self.stats.dropped_freed.fetch_add(1, Ordering::Relaxed);
                 self.ack(seq, 0);
+                return;
+            }
+            Err(crate::error::FsError::Corrupt) => {
+                // The engine's own checksums caught it (a blob record's CRC).
+                self.refuse(seq, &e.id);
                 return;
             }
             Err(err) => {
