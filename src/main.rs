@@ -61,12 +61,26 @@ impl Keep {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
 enum Cmd {
     /// Mount a store (created if absent) and serve it in the foreground until unmounted or
     /// sent SIGINT/SIGTERM. With --snapshot, mount one snapshot read-only.
     Mount {
+        /// The store directory (with --from: the mountpoint).
         store: PathBuf,
-        mountpoint: PathBuf,
+        #[arg(required_unless_present = "from")]
+        mountpoint: Option<PathBuf>,
+        /// Serve --snapshot NAME straight from this backend (dir:/ABS/PATH or
+        /// s3://BUCKET[/PREFIX]), read-only, fetching chunks when first read; no store needed.
+        #[arg(long, requires = "snapshot", conflicts_with = "replicate")]
+        from: Option<String>,
+        /// Where --from keeps its temporary metadata store (default: the system temp dir).
+        #[arg(long, requires = "from")]
+        cache_dir: Option<PathBuf>,
+        /// Serve replication and space figures as Prometheus text on this address, e.g.
+        /// 127.0.0.1:9187 (GET /metrics).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// Let users other than the mounting one access the mount.
         #[arg(long)]
         allow_other: bool,
@@ -516,6 +530,9 @@ fn main() -> ExitCode {
         Cmd::Mount {
             store,
             mountpoint,
+            from,
+            cache_dir,
+            metrics_addr,
             allow_other,
             threads,
             chunk_size,
@@ -529,6 +546,18 @@ fn main() -> ExitCode {
             spec_opts,
             limit,
         } => (|| {
+            let (store, mountpoint) = match (mountpoint, &from) {
+                (Some(m), None) => (store, m),
+                (None, Some(_)) => (PathBuf::new(), store),
+                (Some(_), Some(_)) => {
+                    return Err("with --from, give only the mountpoint (no STORE)".into())
+                }
+                (None, None) => return Err("mount needs STORE and MOUNTPOINT".into()),
+            };
+            let from = match from {
+                Some(spec) => Some(repl::resolve("from", &spec, &spec_opts, None)?),
+                None => None,
+            };
             let replicate = match replicate {
                 Some(spec) => {
                     let cfg = repl::resolve(&replicate_name, &spec, &spec_opts, limit)?;
@@ -549,6 +578,9 @@ fn main() -> ExitCode {
                 snapshot_every,
                 keep: keep.policy(),
                 replicate,
+                from,
+                cache_dir,
+                metrics_addr,
             })
         })(),
         Cmd::Backend(c) => repl::backend_cmd(c),

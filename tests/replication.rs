@@ -83,6 +83,9 @@ impl Target {
     }
 }
 
+/// Held by every test that uses Garage: the outage test stops the shared server.
+static GARAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The Garage target for `test`, or None (skipped, said so) outside CI without Garage.
 fn garage(test: &str) -> Option<Target> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -114,6 +117,36 @@ fn garage_ctl(what: &str) {
     let dir = std::env::var("SNAPFS_TEST_GARAGE_DIR").expect("SNAPFS_TEST_GARAGE_DIR");
     let st = Command::new(sh).arg(what).arg(dir).status().unwrap();
     assert!(st.success(), "garage.sh {what} failed");
+}
+
+/// A free port on 127.0.0.1 (bound and released: the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics from a daemon's `--metrics-addr`.
+fn scrape(port: u16) -> String {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("HTTP/1.1 200"), "{s}");
+    s
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn mount(store: &Path, mnt: &Path, t: &Target, extra: &[&str]) -> Mount {
@@ -309,6 +342,33 @@ fn drill(t: Target, mib: usize) {
     // The disk is lost: kill -9, and the store is gone.
     m.kill();
     fs::remove_dir_all(&store).unwrap();
+    // Instant recovery: the snapshot served straight from the backend, read-only.
+    let mnt_from = tmp.path().join("from");
+    let mut cmd = Command::new(bin());
+    cmd.args(["mount", "--from"]).args(t.args());
+    cmd.args([
+        "--snapshot",
+        "ckpt-100",
+        "--cache-size",
+        "16MiB",
+        "--cache-dir",
+    ]);
+    cmd.arg(tmp.path()).arg(&mnt_from);
+    let from = Mount::spawn(cmd, &tmp.path().join("from-store"), &mnt_from);
+    assert_same(&before, &manifest(&mnt_from));
+    let e = fs::write(from.path("new"), b"x").unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(30),
+        "a --from mount is read-only: {e}"
+    );
+    from.stop();
+    let left: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("snapfs-from-"))
+        .collect();
+    assert!(left.is_empty(), "the temporary store was not removed");
     let store2 = tmp.path().join("store2");
     let mut args = vec!["recover", "--from"];
     let targs = t.args();
@@ -332,6 +392,7 @@ fn disaster_drill_dir() {
 
 #[test]
 fn disaster_drill_garage() {
+    let _one = GARAGE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = garage("disaster_drill_garage") {
         drill(t, 200);
     }
@@ -342,7 +403,13 @@ fn outage(t: Target, down: impl Fn(), up: impl Fn()) {
     require_fuse!();
     let tmp = tempfile::tempdir().unwrap();
     let (store, mnt) = (tmp.path().join("store"), tmp.path().join("mnt"));
-    let m = mount(&store, &mnt, &t, &[]);
+    let port = free_port();
+    let m = mount(
+        &store,
+        &mnt,
+        &t,
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
     fs::write(m.path("before"), bytes(5, 3 << 20)).unwrap();
     snapshot_and_wait(&mnt, "s0");
     down();
@@ -372,12 +439,32 @@ fn outage(t: Target, down: impl Fn(), up: impl Fn()) {
     assert!(s["pending_chunks"].as_u64().unwrap() > 0, "{s}");
     assert!(s["oldest_pending_seconds"].as_f64().is_some(), "{s}");
     assert!(!s["last_error"].is_null(), "no error reported: {s}");
+    let text = scrape(port);
+    assert!(
+        metric(&text, "snapfs_backend_pending_chunks{backend=\"backup\"}") > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "snapfs_backend_failing{backend=\"backup\"}"),
+        1.0,
+        "{text}"
+    );
+    assert!(metric(&text, "snapfs_disk_free_bytes") > 0.0, "{text}");
     let (good, _, err) = cli(&["snapshot", "wait", mnt_s, "s1", "--timeout", "2s"]);
     assert!(!good, "wait returned 0 while the backend was down");
     assert!(err.contains("timed out"), "{err}");
     up();
     ok(&["snapshot", "wait", mnt_s, "s1", "--timeout", "180s"]);
     assert_eq!(status(&mnt)["pending_chunks"], 0);
+    let text = scrape(port);
+    assert_eq!(
+        metric(&text, "snapfs_backend_pending_chunks{backend=\"backup\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(&text, "snapfs_backend_failing{backend=\"backup\"}"),
+        0.0
+    );
     let before = manifest(&mnt);
     m.stop();
     // Nothing lost: the backend alone rebuilds it.
@@ -408,6 +495,7 @@ fn dir_backend_outage_then_back() {
 
 #[test]
 fn garage_outage_then_back() {
+    let _one = GARAGE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = garage("garage_outage_then_back") {
         outage(t, || garage_ctl("stop"), || garage_ctl("start"));
     }

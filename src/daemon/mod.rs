@@ -3,6 +3,7 @@
 //! running daemon or, when none runs, by a process of their own.
 
 pub mod control;
+pub mod metrics;
 pub mod ops;
 pub mod replication;
 pub mod report;
@@ -22,6 +23,7 @@ use crate::fuse::FuseFs;
 use crate::fuse::views::Views;
 use crate::storage::store::Store;
 
+#[derive(Clone)]
 pub struct MountArgs {
     pub store: PathBuf,
     pub mountpoint: PathBuf,
@@ -39,6 +41,54 @@ pub struct MountArgs {
     pub keep: crate::daemon::retention::Policy,
     /// `--replicate SPEC`: a backend added to the store unless one with its spec is there.
     pub replicate: Option<crate::replica::backend::config::BackendConfig>,
+    /// `--from SPEC`: serve `snapshot` straight from this backend (`store` is unused).
+    pub from: Option<crate::replica::backend::config::BackendConfig>,
+    /// Where `--from` keeps its temporary metadata store (default: the system temp dir).
+    pub cache_dir: Option<PathBuf>,
+    /// Serve Prometheus text on this address (`--metrics-addr`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Set on the store's chunk cache after it opens: chunks come from this backend.
+struct Remote(Arc<dyn crate::replica::backend::Backend>);
+
+/// `mount --from SPEC --snapshot NAME MNT`: the snapshot's metadata is read from the backend
+/// into a temporary store (0700, deleted at unmount), and its chunks are fetched from the
+/// backend when first read, verified, into the bounded chunk cache (`--cache-size`).
+fn run_mount_from(
+    a: &MountArgs,
+    cfg: &crate::replica::backend::config::BackendConfig,
+) -> Result<(), String> {
+    let Some(name) = &a.snapshot else {
+        return Err("--from needs --snapshot NAME (snapfs snapshot list --from SPEC)".into());
+    };
+    check_mountpoint(&a.mountpoint)?;
+    let backend: Arc<dyn crate::replica::backend::Backend> =
+        Arc::from(crate::replica::backend::config::open(cfg)?);
+    let base = a.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = base.join(format!("snapfs-from-{}-{nanos}", std::process::id()));
+    let built = crate::replica::recover::build_remote(backend.clone(), &dir, name);
+    let r = built.and_then(|_| {
+        log::info!(
+            "serving snapshot {name} from {} (metadata in {})",
+            backend.describe(),
+            dir.display()
+        );
+        let args = MountArgs {
+            store: dir.clone(),
+            from: None,
+            replicate: None,
+            ..a.clone()
+        };
+        run_mount_inner(&args, Some(Remote(backend)))
+    });
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        log::warn!("cannot remove the temporary store {}: {e}", dir.display());
+    }
+    r
 }
 
 /// Starts the store's replicator, first adding the `--replicate` backend unless the store
@@ -209,6 +259,13 @@ fn view_idle() -> std::time::Duration {
 
 /// Runs the daemon in the foreground. Returns when the filesystem is unmounted.
 pub fn run_mount(a: &MountArgs) -> Result<(), String> {
+    match &a.from {
+        Some(cfg) => run_mount_from(a, cfg),
+        None => run_mount_inner(a, None),
+    }
+}
+
+fn run_mount_inner(a: &MountArgs, remote: Option<Remote>) -> Result<(), String> {
     // Block exit signals before any thread exists (RocksDB starts its own), so that only the
     // signal thread below receives them.
     crate::sys::block_exit_signals().map_err(|e| format!("cannot mask signals: {e}"))?;
@@ -250,6 +307,12 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
         report::human(store.chunk_size as u64)
     );
     store.fs.chunk_cache().set_capacity(a.cache_bytes);
+    if let Some(Remote(b)) = remote {
+        store
+            .fs
+            .chunk_cache()
+            .set_remote(Arc::new(crate::replica::recover::BackendChunks(b)));
+    }
     let views = Arc::new(Views::new(store.fs.clone()));
     Views::start_reaper(&views, view_idle());
     let root: Arc<Fs> = match &a.snapshot {
@@ -282,6 +345,9 @@ pub fn run_mount(a: &MountArgs) -> Result<(), String> {
         )),
     });
     let server = control::Server::start(ctx.clone())?;
+    if let Some(addr) = a.metrics_addr {
+        metrics::start(ctx.clone(), addr)?;
+    }
     if let (Some(every), None) = (a.snapshot_every, &a.snapshot) {
         start_auto_snapshots(ctx.clone(), every, a.keep);
     }

@@ -30,7 +30,16 @@ struct Lru {
     clock: u64,
 }
 
+/// Where chunks that the store does not hold come from: a backend, for a snapshot served
+/// straight from it (`mount --from`). Returns the decoded bytes, already verified against
+/// the id (the core checks the hash again).
+pub trait ChunkSource: Send + Sync {
+    fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>, String>;
+}
+
 pub struct ChunkCache {
+    /// Set only for a store whose bodies live on a backend (`Body::Remote` chunks).
+    pub(crate) remote: std::sync::OnceLock<Arc<dyn ChunkSource>>,
     cap: AtomicUsize,
     lru: Mutex<Lru>,
     /// Chunks being loaded: waiters block on the inner lock (single flight).
@@ -41,6 +50,7 @@ impl ChunkCache {
     /// A cache holding at most `cap` bytes of decoded chunks (0 disables caching).
     pub fn new(cap: usize) -> ChunkCache {
         ChunkCache {
+            remote: std::sync::OnceLock::new(),
             cap: AtomicUsize::new(cap),
             lru: Mutex::new(Lru {
                 map: HashMap::new(),
@@ -50,6 +60,11 @@ impl ChunkCache {
             }),
             loading: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Serves chunks the store lacks from `src` (once; later calls are ignored).
+    pub fn set_remote(&self, src: Arc<dyn ChunkSource>) {
+        let _ = self.remote.set(src);
     }
 
     pub fn capacity(&self) -> usize {

@@ -334,7 +334,7 @@ impl Fs {
         let prepared = self.prepare_chunk_shared(job.data.clone())?;
         let body_len = match &prepared.1 {
             Body::Encoded(e) => e.len(),
-            Body::Raw(_) => 0,
+            Body::Raw(_) | Body::Remote(_) => 0,
         };
         let mut meta = self.lock_meta();
         let mut txn = Txn::with_capacity(self, body_len);
@@ -404,7 +404,7 @@ impl Fs {
             .iter()
             .map(|(_, (_, b))| match b {
                 Body::Encoded(e) => e.len(),
-                Body::Raw(_) => 0,
+                Body::Raw(_) | Body::Remote(_) => 0,
             })
             .sum();
         let mut meta = self.lock_meta();

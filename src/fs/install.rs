@@ -47,8 +47,13 @@ impl Fs {
                     len: c.len,
                 },
             )?;
-            if let Some(s) = c.stored {
-                txn.add_body(c.id, Body::Encoded(s));
+            match c.stored {
+                Some(s) => txn.add_body(c.id, Body::Encoded(s)),
+                // A store served from a backend keeps no bodies.
+                None if self.cache.remote.get().is_some() => {
+                    txn.add_body(c.id, Body::Remote(c.len))
+                }
+                None => {}
             }
         }
         let mut a = txn.attr(ino)?;

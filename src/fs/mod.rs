@@ -26,7 +26,7 @@ use crate::error::{FsError, Result};
 use crate::storage::engine::{Cf, Engine};
 use crate::storage::inode::{Attr, Time};
 use crate::storage::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
-pub use cache::{ChunkCache, DEFAULT_CACHE_BYTES};
+pub use cache::{ChunkCache, ChunkSource, DEFAULT_CACHE_BYTES};
 
 pub use check::CheckReport;
 pub use data::{Handle, ReadBuf, MAX_FILE_SIZE};
@@ -567,6 +567,10 @@ impl Fs {
             .with_value(Cf::Chunks, id, |stored| {
                 crate::storage::chunk::decode(id, stored)
             })
+            .map(|v| match (v, self.cache.remote.get()) {
+                (None, Some(src)) => Some(self.fetch_remote(src.as_ref(), id)),
+                (v, _) => v,
+            })
             .and_then(|v| {
                 v.ok_or_else(|| {
                     log::error!(
@@ -585,6 +589,22 @@ impl Fs {
         drop(guard);
         self.cache.loading.lock().remove(id);
         r
+    }
+
+    /// A chunk from the store's remote source, checked against its id.
+    fn fetch_remote(&self, src: &dyn ChunkSource, id: &ChunkId) -> Result<Vec<u8>> {
+        let data = src.fetch(id).map_err(|e| {
+            log::error!("chunk {}: {e}", crate::storage::chunk::hex(id));
+            FsError::Io
+        })?;
+        if crate::storage::chunk::chunk_id(&data) != *id {
+            log::error!(
+                "chunk {} from the backend does not match its id",
+                crate::storage::chunk::hex(id)
+            );
+            return Err(FsError::Corrupt);
+        }
+        Ok(data)
     }
 
     /// Seals every open file's buffers and makes everything durable. A file whose seal

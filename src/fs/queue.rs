@@ -9,6 +9,10 @@ use crate::error::Result;
 use crate::storage::engine::{Batch, Cf};
 use crate::storage::keys::{self, QueueEntry, ReplSnap};
 
+fn backfilled_counter(id: u32) -> String {
+    format!("repl_backfilled_{id}")
+}
+
 /// Refcount entries queued per batch when a backend is added to a store with data.
 const BACKFILL_BATCH: usize = 512;
 
@@ -100,8 +104,19 @@ impl Fs {
             let k = keys::repl_key(keys::P_REPL_SNAP, id, s.name.as_bytes());
             txn.put_raw(&k, &pending.encode());
         }
+        // Written last: a backend without it was interrupted while being added, and is
+        // backfilled again at the next start (`replica::Replicator::start`).
+        txn.put_counter(&backfilled_counter(id), 1);
         txn.commit(&mut meta, true)?;
         Ok(queued)
+    }
+
+    /// Whether `add_replica` ran to its end for backend `id`.
+    pub fn replica_backfilled(&self, id: u32) -> Result<bool> {
+        Ok(self
+            .eng
+            .get(Cf::Meta, &keys::counter_key(&backfilled_counter(id)))?
+            .is_some())
     }
 
     /// Removes backend `id` from the store with everything queued or recorded for it.

@@ -21,6 +21,9 @@ pub(crate) enum Body {
     Encoded(Vec<u8>),
     /// Raw bytes; encoded at commit only if the chunk turned out to be absent.
     Raw(std::sync::Arc<Vec<u8>>),
+    /// No local body: the chunk (of this raw length) is served from the store's remote
+    /// source (`ChunkCache::set_remote`: a snapshot mounted from a backend).
+    Remote(u32),
 }
 
 pub(crate) struct Txn<'a> {
@@ -281,6 +284,16 @@ impl<'a> Txn<'a> {
                     let enc = match self.bodies.remove(&id) {
                         Some(Body::Encoded(e)) => e,
                         Some(Body::Raw(r)) => crate::storage::chunk::encode(&r),
+                        Some(Body::Remote(raw)) => {
+                            // Counted, never stored here, never queued (I2 does not hold
+                            // in such a store; it is a cache, deleted at unmount).
+                            counters.chunks += 1;
+                            counters.unique_bytes += raw as u64;
+                            self.put_raw(&rk, &encode_ref(delta.max(0) as u64, raw, 0));
+                            counters.referenced_bytes += delta.max(0) as u64 * raw as u64;
+                            self.counters_dirty = true;
+                            continue;
+                        }
                         None => {
                             log::error!(
                                 "internal: new chunk {} has no body",

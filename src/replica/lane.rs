@@ -235,6 +235,11 @@ impl Lane {
         }
     }
 
+    /// Uploads are failing now: no put has succeeded since the last failure.
+    pub fn failing(&self) -> bool {
+        self.consecutive_failures.load(Ordering::Acquire) > 0
+    }
+
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }

@@ -110,6 +110,15 @@ impl Replicator {
             lanes: Mutex::new(Vec::new()),
         });
         for cfg in configured(&fs, store_dir)? {
+            if !fs.replica_backfilled(cfg.id).unwrap_or(true) {
+                log::warn!(
+                    "backend {}: adding it was interrupted; queueing the store for it again",
+                    cfg.name
+                );
+                if let Err(e) = fs.add_replica(cfg.id, &cfg.name) {
+                    log::error!("backend {}: cannot queue the store for it: {e}", cfg.name);
+                }
+            }
             if let Err(e) = r.start_lane(&cfg) {
                 log::error!("backend {} ({}): not replicating: {e}", cfg.name, cfg.spec);
             }

@@ -73,6 +73,8 @@ struct Rebuild<'a> {
     fs: &'a Fs,
     b: &'a dyn Backend,
     chunk_size: u32,
+    /// Chunks are not fetched: the store serves them from the backend (`mount --from`).
+    lazy: bool,
     /// Inodes of the snapshot being rebuilt (its numbers) → inodes here: hard links.
     links: HashMap<u64, u64>,
     progress: Progress,
@@ -218,7 +220,8 @@ impl Rebuild<'_> {
         for batch in items.chunks(INSTALL_BATCH) {
             let mut chunks = Vec::with_capacity(batch.len());
             for m in batch {
-                let stored = if self.fs.has_chunk(&m.id).map_err(|e| fs_err("read", e))? {
+                let have = self.lazy || self.fs.has_chunk(&m.id).map_err(|e| fs_err("read", e))?;
+                let stored = if have {
                     None
                 } else {
                     let name = format::chunk_name(&m.id);
@@ -246,6 +249,58 @@ impl Rebuild<'_> {
         }
         Ok(())
     }
+}
+
+/// Serves chunks from a backend, verified (`mount --from`).
+pub struct BackendChunks(pub std::sync::Arc<dyn Backend>);
+
+impl crate::fs::ChunkSource for BackendChunks {
+    fn fetch(&self, id: &crate::storage::keys::ChunkId) -> Result<Vec<u8>, String> {
+        let name = format::chunk_name(id);
+        let obj = get(self.0.as_ref(), &name)?;
+        format::open_chunk(id, &obj)
+            .map(|(_, data)| data)
+            .map_err(|e| format!("{name}: {e}"))
+    }
+}
+
+/// Builds, in the new directory `dir`, a store that holds snapshot `name` of the backend
+/// with its metadata only: every chunk is fetched from the backend when first read (into the
+/// bounded chunk cache), never stored here. The store is closed on return; open it with the
+/// same source (`ChunkCache::set_remote`) to serve it.
+pub fn build_remote(b: std::sync::Arc<dyn Backend>, dir: &Path, name: &str) -> Result<(), String> {
+    let m = list_snapshots(b.as_ref())?
+        .into_iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| format!("the backend has no complete snapshot named {name}"))?;
+    let store = Store::open(dir, true, Some(m.chunk_size as usize))?;
+    store
+        .fs
+        .chunk_cache()
+        .set_remote(std::sync::Arc::new(BackendChunks(b.clone())));
+    let mut quiet = |_: &Progress| {};
+    let mut rb = Rebuild {
+        fs: &store.fs,
+        b: b.as_ref(),
+        chunk_size: m.chunk_size,
+        lazy: true,
+        links: HashMap::new(),
+        progress: Progress::default(),
+        report: &mut quiet,
+    };
+    let Body::Dir(root) = m.root.body else {
+        return Err(format!("snapshot {}: the root is not a directory", m.name));
+    };
+    rb.dir(ROOT_INO, &root, 0)?;
+    rb.attrs(ROOT_INO, &m.root)?;
+    store
+        .fs
+        .snapshot_create_as(&m.name, true, m.automatic)
+        .map_err(|e| format!("cannot create snapshot {}: {e}", m.name))?;
+    store
+        .fs
+        .shutdown()
+        .map_err(|e| format!("cannot close the cache store: {e}"))
 }
 
 /// Rebuilds a store in `dir` (new or empty) from the complete snapshots on a backend (or only
@@ -290,6 +345,7 @@ pub fn recover(
         fs,
         b,
         chunk_size,
+        lazy: false,
         links: HashMap::new(),
         progress: Progress {
             snapshots_total: total,

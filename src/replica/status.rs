@@ -45,6 +45,8 @@ pub struct BackendStatus {
     /// Chunks that failed verification and were not uploaded.
     pub bad_chunks: u64,
     pub last_error: Option<String>,
+    /// Uploads are failing now (no successful put since the last error).
+    pub failing: bool,
     /// When `last_error` happened, ms since the Unix epoch.
     pub last_error_at_ms: Option<u64>,
     pub snapshots: Vec<SnapshotState>,
@@ -161,6 +163,7 @@ pub fn backend_status(
         throughput_bytes_per_sec: throughput,
         failed_puts: failed,
         bad_chunks: bad,
+        failing: lane.is_some_and(|l| l.failing()),
         last_error_at_ms: err.as_ref().map(|e| e.1),
         last_error: err.map(|e| e.0),
         snapshots,
