@@ -451,23 +451,14 @@ fn check(target: &Path, verify_data: bool, as_json: bool) -> Result<(), String> 
     }
 }
 
-/// A size in bytes: a number with an optional suffix K, M, G (or KiB, MiB, GiB; powers of 1024).
+/// A size in bytes, with bytesize's units: KiB, MiB, GiB are powers of 1024, KB, MB, GB (and
+/// K, M, G) powers of 1000, e.g. 64MiB.
 fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: usize = num
+    let b: bytesize::ByteSize = s
+        .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 64MiB)"))?;
-    let mul: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        u => return Err(format!("unknown size unit {u:?} (use K, M or G)")),
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
+        .map_err(|e| format!("{s:?} is not a size ({e}): use e.g. 64MiB"))?;
+    usize::try_from(b.as_u64()).map_err(|_| format!("{s:?} is too large"))
 }
 
 /// Parses the command line. `--help` and `--version` print clap's text and exit 0; a usage

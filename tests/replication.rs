@@ -652,3 +652,137 @@ fn manifests_are_incremental() {
     assert_eq!(s2["meta_objects_uploaded"], 4, "{s2}");
     m.stop();
 }
+
+/// A backend is untrusted: forged names, damaged objects and moved markers are refused with
+/// an error naming the object, and nothing is written outside the new store.
+#[test]
+fn recover_refuses_a_hostile_backend() {
+    use snapfs::replica::format::{self, Body, Entry, MapItem, Marker};
+    use snapfs::storage::inode::{Kind, Time};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("backend");
+    fs::create_dir(&root).unwrap();
+    let t = Target::Dir(root.clone());
+    let b = t.backend();
+    let entry = |name: &[u8], kind: Kind, body: Body| Entry {
+        name: name.to_vec(),
+        kind,
+        ino: 9,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        nlink: 1,
+        rdev: 0,
+        atime: Time::default(),
+        mtime: Time::default(),
+        ctime: Time::default(),
+        xattrs: vec![],
+        body,
+    };
+    let marker = |name: &str, tree: format::Hash| Marker {
+        name: name.into(),
+        epoch: 1,
+        created: Time::default(),
+        automatic: false,
+        chunk_size: 1 << 20,
+        root: entry(b"", Kind::Dir, Body::Dir(tree)),
+        files: 1,
+        bytes: 0,
+    };
+    b.put(format::REPO_NAME, &format::repo_object(1 << 20))
+        .unwrap();
+    let recover = |what: &str| {
+        let dest = tmp.path().join(format!("new-{what}"));
+        let (good, _, err) = cli(&["recover", "--from", &t.spec(), dest.to_str().unwrap()]);
+        assert!(!good, "{what}: recover succeeded");
+        assert!(
+            !dest.exists(),
+            "{what}: a partial store was left at {}",
+            dest.display()
+        );
+        println!("{what}: {err}");
+        err
+    };
+    // 1. A tree entry named "../evil".
+    let (h, obj) = format::tree_object(&[entry(b"../evil", Kind::File, Body::File(None))]);
+    b.put(&format::meta_name(&h), &obj).unwrap();
+    b.put(
+        &format::marker_name("s1"),
+        &format::marker_object(&marker("s1", h)),
+    )
+    .unwrap();
+    assert!(recover("dotdot").contains("refused entry name"));
+    assert!(!tmp.path().join("evil").exists());
+    // 2. A file whose chunk object is damaged.
+    let data = bytes(3, 5000);
+    let id = *blake3::hash(&data).as_bytes();
+    let mut chunk = format::chunk_object(&snapfs::storage::chunk::encode(&data));
+    let last = chunk.len() - 1;
+    chunk[last] ^= 1;
+    b.put(&format::chunk_name(&id), &chunk).unwrap();
+    let (mh, mobj) = format::map_object(&[MapItem {
+        index: 0,
+        id,
+        len: 5000,
+    }]);
+    b.put(&format::meta_name(&mh), &mobj).unwrap();
+    let mut f = entry(b"f", Kind::File, Body::File(Some(mh)));
+    f.size = 5000;
+    let (h, obj) = format::tree_object(&[f]);
+    b.put(&format::meta_name(&h), &obj).unwrap();
+    b.put(
+        &format::marker_name("s1"),
+        &format::marker_object(&marker("s1", h)),
+    )
+    .unwrap();
+    assert!(recover("damaged chunk").contains("does not verify"));
+    // 3. A tree object that does not match its name.
+    let mut obj2 = obj.clone();
+    obj2[10] ^= 1;
+    b.put(&format::meta_name(&h), &obj2).unwrap();
+    assert!(recover("damaged tree").contains("does not match its name"));
+    // 4. A marker moved to another name; `snapshot list --from` refuses it too.
+    b.delete(&format::marker_name("s1")).unwrap();
+    b.put(
+        &format::marker_name("s2"),
+        &format::marker_object(&marker("s1", h)),
+    )
+    .unwrap();
+    assert!(recover("moved marker").contains("moved or forged"));
+    let (good, _, err) = cli(&["snapshot", "list", "--from", &t.spec()]);
+    assert!(!good && err.contains("moved or forged"), "{err}");
+}
+
+/// A daemon started later without the user's AWS environment still replicates: the
+/// credentials were kept in the store (mode 0600).
+#[test]
+fn garage_credentials_are_kept_in_the_store() {
+    require_fuse!();
+    let _one = GARAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = garage("garage_credentials_are_kept_in_the_store") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, mnt) = (tmp.path().join("store"), tmp.path().join("mnt"));
+    let m = mount(&store, &mnt, &t, &[]);
+    m.stop();
+    let cfg = store.join("backends/backup.json");
+    let mode = fs::metadata(&cfg).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", cfg.display());
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount").arg(&store).arg(&mnt);
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+    ] {
+        cmd.env_remove(k);
+    }
+    let m = Mount::spawn(cmd, &store, &mnt);
+    fs::write(m.path("f"), bytes(11, 2 << 20)).unwrap();
+    snapshot_and_wait(&mnt, "s1");
+    assert_eq!(status(&mnt)["pending_chunks"], 0);
+    m.stop();
+}

@@ -279,8 +279,31 @@ pub fn recover(
 ) -> Result<(), String> {
     let b = open_spec(spec, o)?;
     let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {pos}/{len} snapshots {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
     let mut last = Instant::now();
     let mut report = |p: &snapfs::replica::recover::Progress| {
+        if let Some(b) = &bar {
+            b.set_length(p.snapshots_total as u64);
+            b.set_position(p.snapshots_done as u64);
+            b.set_message(format!(
+                "{}: {} files, {} chunks fetched ({})",
+                p.snapshot,
+                p.files,
+                p.chunks_fetched,
+                snapfs::daemon::report::human(p.bytes_fetched)
+            ));
+            return;
+        }
         let line = format!(
             "recover: snapshot {} ({}/{}), {} files, {} chunks fetched ({})",
             p.snapshot,
@@ -290,17 +313,14 @@ pub fn recover(
             p.chunks_fetched,
             snapfs::daemon::report::human(p.bytes_fetched)
         );
-        if tty {
-            eprint!("\r\x1b[2K{line}");
-        } else if last.elapsed() >= Duration::from_secs(1) || p.snapshots_done == p.snapshots_total
-        {
+        if last.elapsed() >= Duration::from_secs(1) || p.snapshots_done == p.snapshots_total {
             eprintln!("{line}");
             last = Instant::now();
         }
     };
     let r = snapfs::replica::recover::recover(b.as_ref(), dir, only, &mut report);
-    if tty {
-        eprintln!();
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let r = r?;
     if as_json {

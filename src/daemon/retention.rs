@@ -6,7 +6,6 @@
 //! UTC). A snapshot kept by any rule is kept; the newest snapshot is kept by every non-empty
 //! policy, so one just taken is never deleted, whatever its time says.
 
-use crate::daemon::ops::utc;
 use crate::fs::SnapshotInfo;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,27 +109,17 @@ fn iso_week(t: i64) -> i64 {
 
 /// Snapshot name for an automatic snapshot taken at `t`.
 pub fn auto_name(t: i64) -> String {
-    let (y, mo, d, h, mi, s) = utc(t);
-    format!("auto-{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+    format!("auto-{}", crate::daemon::ops::rfc3339(t))
 }
 
-/// Parses durations such as `90s`, `10m`, `2h`, `1d`.
+/// Parses durations such as `90s`, `10m`, `2h`, `1d`, `1h 30m` (humantime's syntax).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len());
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: use e.g. 30s, 10m, 2h, 1d"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("bad duration unit in {s:?}: use s, m, h or d")),
-    };
-    if secs == 0 {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("bad duration {s:?} ({e}): use e.g. 30s, 10m, 2h, 1d"))?;
+    if d.is_zero() {
         return Err("duration must be positive".into());
     }
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(d)
 }
 
 #[cfg(test)]

@@ -312,6 +312,37 @@ pub fn recover(
     only: Option<&str>,
     report: &mut dyn FnMut(&Progress),
 ) -> Result<Report, String> {
+    let existed = dir.exists();
+    let r = recover_into(b, dir, only, report);
+    if r.is_err() && dir.join("db").exists() {
+        // Nothing half-built is left to look like a store: what recover made goes.
+        let cleaned = if existed {
+            std::fs::read_dir(dir).and_then(|rd| {
+                rd.filter_map(|e| e.ok()).try_for_each(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    }
+                })
+            })
+        } else {
+            std::fs::remove_dir_all(dir)
+        };
+        if let Err(e) = cleaned {
+            log::warn!("cannot remove the partial store {}: {e}", dir.display());
+        }
+    }
+    r.map_err(|e| format!("{e} (nothing was recovered)"))
+}
+
+fn recover_into(
+    b: &dyn Backend,
+    dir: &Path,
+    only: Option<&str>,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<Report, String> {
     let mut markers = list_snapshots(b)?;
     if let Some(n) = only {
         markers.retain(|m| m.name == n);
