@@ -27,7 +27,7 @@ trap 'exit 130' INT TERM
 "$here/garage.sh" start "$garage_dir"
 # shellcheck source=/dev/null
 . "$garage_dir/env"  # AWS_*, SNAPFS_TEST_S3_ENDPOINT, SNAPFS_TEST_S3_BUCKET, SNAPFS_TEST_GARAGE_*
-step "cargo test (core, model, stress, hostile-input, mount, snapshot and kill -9 crash tests)"
+step "cargo test (core, model, stress, hostile-input, mount, snapshot, kill -9 crash, ENOSPC and replication tests: dir: and Garage)"
 cargo test --release --locked 2>&1 | tee "$logs/cargo-test.log"
 step "cargo test: deterministic interleavings through failpoints"
 cargo test --release --locked --features failpoints --test interleavings 2>&1 | tee -a "$logs/cargo-test.log"
