@@ -190,6 +190,29 @@ pub fn gettid() -> u64 {
     unsafe { libc::gettid() as u64 }
 }
 
+/// Makes the calling thread a background one: CPU nice +10 and the lowest best-effort I/O
+/// priority, so that it yields the cores and the disk to foreground work (replication
+/// uploads yield to the training job's writes). Best effort: failures are ignored.
+pub fn background_thread() {
+    let tid = gettid() as libc::id_t;
+    // SAFETY: setpriority on this thread's own id; no pointers.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    let prio = (IOPRIO_CLASS_BE << 13) | 7;
+    // SAFETY: ioprio_set(2) with integer arguments only, on this thread's own id.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            prio,
+        );
+    }
+}
+
 /// Opens the live inode `nodeid` of the FUSE mount whose root is `mount` by its file handle
 /// (the kernel's FUSE handle: node id in two 32-bit halves, generation 0, type 0x81), and
 /// fsyncs it. For FUSE, fsync(2) first writes back the inode's dirty page-cache pages (mmap

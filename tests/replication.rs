@@ -796,7 +796,12 @@ fn backend_add_to_a_store_with_data_backfills() {
     let (store, mnt) = (tmp.path().join("store"), tmp.path().join("mnt"));
     let m = Mount::start(&store, &mnt);
     fs::write(m.path("old"), bytes(21, 5 << 20)).unwrap();
-    ok(&["snapshot", "create", mnt.to_str().unwrap(), "before-backend"]);
+    ok(&[
+        "snapshot",
+        "create",
+        mnt.to_str().unwrap(),
+        "before-backend",
+    ]);
     fs::write(m.path("newer"), bytes(22, 3 << 20)).unwrap();
     m.stop();
     // Added while not mounted: queued in the store, uploaded at the next mount.
@@ -805,17 +810,33 @@ fn backend_add_to_a_store_with_data_backfills() {
     let out = ok(&["backend", "add", store.to_str().unwrap(), "b1", &spec]);
     assert!(out.contains("8 chunks queued"), "{out}");
     let list = ok(&["backend", "list", store.to_str().unwrap(), "--json"]);
-    assert!(list.contains("\"b1\"") && !list.contains("secret"), "{list}");
+    assert!(
+        list.contains("\"b1\"") && !list.contains("secret"),
+        "{list}"
+    );
     let (good, _, err) = cli(&["backend", "add", store.to_str().unwrap(), "b1", &spec]);
-    assert!(!good && err.contains("already has a backend named b1"), "{err}");
+    assert!(
+        !good && err.contains("already has a backend named b1"),
+        "{err}"
+    );
     let m = Mount::start(&store, &mnt);
     let mnt_s = mnt.to_str().unwrap();
-    ok(&["snapshot", "wait", mnt_s, "before-backend", "--timeout", "120s"]);
+    ok(&[
+        "snapshot",
+        "wait",
+        mnt_s,
+        "before-backend",
+        "--timeout",
+        "120s",
+    ]);
     snapshot_and_wait(&mnt, "after");
     let t = Target::Dir(root);
     assert_eq!(t.chunk_objects(), 8);
     let listed = ok(&["snapshot", "list", "--from", &spec]);
-    assert!(listed.contains("before-backend") && listed.contains("after"), "{listed}");
+    assert!(
+        listed.contains("before-backend") && listed.contains("after"),
+        "{listed}"
+    );
     ok(&["backend", "remove", mnt_s, "b1"]);
     let (good, _, err) = cli(&["status", mnt_s]);
     assert!(good, "{err}");

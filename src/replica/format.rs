@@ -77,7 +77,11 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, BadObject> {
 }
 
 fn header(kind: u8, codec: u8) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64);
+    header_with_room(kind, codec, 56)
+}
+
+fn header_with_room(kind: u8, codec: u8, room: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + room);
     v.extend_from_slice(MAGIC);
     v.extend_from_slice(&[OBJECT_VERSION, kind, codec, CRYPT_NONE]);
     v
@@ -126,7 +130,7 @@ fn open(obj: &[u8], kind: u8) -> Result<Vec<u8>, BadObject> {
 
 /// A chunk object: the header, then the stored chunk as the local store keeps it.
 pub fn chunk_object(stored: &[u8]) -> Vec<u8> {
-    let mut v = header(KIND_CHUNK, CODEC_NONE);
+    let mut v = header_with_room(KIND_CHUNK, CODEC_NONE, stored.len());
     v.extend_from_slice(stored);
     v
 }

@@ -1,10 +1,17 @@
 //! A snapshot's manifest: its tree as content-addressed metadata objects (format.rs), built
-//! from a pinned view of the snapshot and uploaded bottom-up, so that every object a tree
-//! names is on the backend before the tree itself. An object whose hash the backend is known
+//! from a pinned view of the snapshot, bottom-up, and uploaded in parallel batches of
+//! `BATCH` objects on `PARALLEL` threads (a batch is durable before the next one starts, and
+//! children come before their parents, so a parent is in the same batch as its children or a
+//! later one). The marker, which alone makes a snapshot complete, is written by the caller
+//! after `build` has returned, so after every object. An object whose hash the backend is known
 //! to hold (`Known`) is not uploaded again: a snapshot that changed one file uploads that
 //! file's map and the trees on its path to the root, O(depth) objects.
 
 use std::collections::HashSet;
+
+/// Metadata objects held back for one parallel upload, and the threads that upload them.
+const BATCH: usize = 256;
+const PARALLEL: usize = 8;
 
 use crate::fs::Fs;
 use crate::replica::backend::Backend;
@@ -35,6 +42,8 @@ pub struct Builder<'a> {
     known: &'a mut dyn Known,
     /// Objects uploaded or found during this build (hard links, repeated maps).
     seen: HashSet<Hash>,
+    /// Objects waiting for the next parallel upload.
+    pending: Vec<(Hash, Vec<u8>)>,
     pub stats: Stats,
 }
 
@@ -49,6 +58,7 @@ impl<'a> Builder<'a> {
             backend,
             known,
             seen: HashSet::new(),
+            pending: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -59,7 +69,48 @@ impl<'a> Builder<'a> {
             .view
             .getattr(crate::fs::ROOT_INO)
             .map_err(|e| fs_err("cannot read the root", e))?;
-        self.entry(Vec::new(), &attr, 0)
+        let root = self.entry(Vec::new(), &attr, 0)?;
+        self.flush()?;
+        Ok(root)
+    }
+
+    /// Uploads the pending objects, `PARALLEL` at a time, and records them as known.
+    fn flush(&mut self) -> Result<(), String> {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let backend = self.backend;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let first_error = parking_lot::Mutex::new(None::<String>);
+        std::thread::scope(|s| {
+            for _ in 0..PARALLEL.min(pending.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((hash, obj)) = pending.get(i) else {
+                        return;
+                    };
+                    if first_error.lock().is_some() {
+                        return;
+                    }
+                    if let Err(e) = backend.put(&format::meta_name(hash), obj) {
+                        first_error.lock().get_or_insert(format!(
+                            "upload of metadata object {}: {e}",
+                            format::hex(hash)
+                        ));
+                        return;
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_error.into_inner() {
+            return Err(e);
+        }
+        for (hash, _) in &pending {
+            self.known.add_meta(hash)?;
+        }
+        self.stats.uploaded += pending.len() as u32;
+        Ok(())
     }
 
     fn put_meta(&mut self, hash: Hash, obj: Vec<u8>) -> Result<(), String> {
@@ -70,11 +121,10 @@ impl<'a> Builder<'a> {
             self.stats.skipped += 1;
             return Ok(());
         }
-        self.backend
-            .put(&format::meta_name(&hash), &obj)
-            .map_err(|e| format!("upload of metadata object {}: {e}", format::hex(&hash)))?;
-        self.known.add_meta(&hash)?;
-        self.stats.uploaded += 1;
+        self.pending.push((hash, obj));
+        if self.pending.len() >= BATCH {
+            self.flush()?;
+        }
         Ok(())
     }
 

@@ -52,6 +52,26 @@ fn with_header(codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Verifies a stored chunk against its id without keeping the decoded bytes: a raw chunk
+/// is hashed in place (no copy), a compressed one decompressed into a scratch buffer.
+pub fn verify(id: &ChunkId, stored: &[u8]) -> Result<()> {
+    if stored.len() >= HEADER_LEN && stored[0] == CHUNK_FORMAT_VERSION && stored[1] == CODEC_RAW {
+        let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
+        let payload = &stored[HEADER_LEN..];
+        if payload.len() == raw_len {
+            if chunk_id(payload) == *id {
+                return Ok(());
+            }
+            log::error!(
+                "chunk {} failed verification: content hash does not match its id",
+                hex(id)
+            );
+            return Err(FsError::Corrupt);
+        }
+    }
+    decode(id, stored).map(|_| ())
+}
+
 /// Decodes a stored chunk and verifies it against its id.
 pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
     let verify = |data: &[u8]| {
