@@ -138,6 +138,8 @@ pub struct Lane {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Serializes acknowledgements, so the persistent byte counter only grows.
     ack_lock: Mutex<()>,
+    /// Snapshots whose manifest failed, not retried before the time given.
+    held_back: Mutex<HashMap<String, Instant>>,
 }
 
 /// The counter of bytes uploaded to backend `id`, kept in the batches that dequeue.
@@ -188,6 +190,7 @@ impl Lane {
             consecutive_failures: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             ack_lock: Mutex::new(()),
+            held_back: Mutex::new(HashMap::new()),
         })
     }
 
@@ -492,30 +495,57 @@ impl Lane {
         }
         drop(r);
         pending.sort_by_key(|(_, s)| s.barrier_seq);
-        let Some((name, mut state)) = pending.into_iter().next() else {
-            return Ok(false);
-        };
-        if self.queue_head()?.is_some_and(|h| h <= state.barrier_seq) {
-            return Ok(false);
+        let head = self.queue_head()?;
+        let mut first_error = None;
+        for (name, state) in pending {
+            if head.is_some_and(|h| h <= state.barrier_seq) {
+                break; // this one's chunks, and every later one's, are still queued
+            }
+            let now = Instant::now();
+            if self.held_back.lock().get(&name).is_some_and(|t| *t > now) {
+                continue;
+            }
+            match self.complete(&name, state) {
+                Ok(()) => {
+                    self.held_back.lock().remove(&name);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    // One snapshot that cannot complete (it needs a chunk that failed
+                    // verification) does not hold back the ones after it.
+                    self.held_back
+                        .lock()
+                        .insert(name, now + Duration::from_secs(30));
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(false),
+        }
+    }
+
+    /// Uploads the manifest of snapshot `name`, then its marker, then records it complete.
+    fn complete(&self, name: &str, mut state: ReplSnap) -> Result<(), String> {
         let key = keys::repl_key(keys::P_REPL_SNAP, self.id, name.as_bytes());
-        let view = match self.fs.snapshot_view(&name) {
+        let view = match self.fs.snapshot_view(name) {
             Ok(v) => v,
             Err(_) => {
                 // Deleted locally before it was complete here: nothing to send.
                 let mut b = Batch::new();
                 self.fs.eng.delete(&mut b, Cf::Meta, &key);
                 self.fs.eng.write(b, false).map_err(|e| e.to_string())?;
-                return Ok(true);
+                return Ok(());
             }
         };
-        let info = self.fs.snapshot_get(&name).map_err(|e| e.to_string())?;
+        let info = self.fs.snapshot_get(name).map_err(|e| e.to_string())?;
         let mut known = LaneKnown { lane: self };
         let mut builder = Builder::new(&view, self.backend.as_ref(), &mut known);
         let root = builder.build()?;
         let stats = builder.stats;
         let marker = format::Marker {
-            name: name.clone(),
+            name: name.to_string(),
             epoch: info.epoch,
             created: crate::storage::inode::Time {
                 secs: info.created,
@@ -529,7 +559,7 @@ impl Lane {
         };
         // Every object the marker leads to is durable on the backend: the marker goes last.
         self.backend
-            .put(&format::marker_name(&name), &format::marker_object(&marker))
+            .put(&format::marker_name(name), &format::marker_object(&marker))
             .map_err(|e| format!("cannot write the marker of snapshot {name}: {e}"))?;
         let uploaded = self.stats.uploaded_bytes.load(Ordering::Relaxed);
         state.completed_ms = crate::fs::now_ms().max(state.created_ms);
@@ -550,7 +580,7 @@ impl Lane {
             stats.uploaded,
             stats.skipped
         );
-        Ok(true)
+        Ok(())
     }
 }
 
