@@ -550,11 +550,7 @@ fn main() -> ExitCode {
                 None => None,
             };
             let replicate = match replicate {
-                Some(spec) => {
-                    let cfg = repl::resolve(&replicate_name, &spec, &spec_opts, limit)?;
-                    repl::create_dir_root(&cfg)?;
-                    Some(cfg)
-                }
+                Some(spec) => Some(repl::resolve(&replicate_name, &spec, &spec_opts, limit)?),
                 None => None,
             };
             daemon::run_mount(&MountArgs {

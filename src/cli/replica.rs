@@ -84,18 +84,6 @@ pub fn open_spec(spec: &str, o: &SpecOpts) -> Result<Box<dyn Backend>, String> {
     config::open(&cfg)
 }
 
-/// A `dir:` backend's directory is made when the backend is added (never when it is read:
-/// a missing directory there means an unmounted disk, not an empty backup).
-pub fn create_dir_root(cfg: &BackendConfig) -> Result<(), String> {
-    if let config::SpecKind::Dir(p) = config::parse_spec(&cfg.spec)? {
-        if !p.exists() {
-            std::fs::create_dir_all(&p)
-                .map_err(|e| format!("cannot create backend directory {}: {e}", p.display()))?;
-        }
-    }
-    Ok(())
-}
-
 pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
     match c {
         BackendCmd::Add {
@@ -106,7 +94,6 @@ pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
             limit,
         } => {
             let config = resolve(&name, &spec, &opts, limit)?;
-            create_dir_root(&config)?;
             print_message(checked(run(&target, Request::BackendAdd { config })?)?);
         }
         BackendCmd::List { target, json: j } => {

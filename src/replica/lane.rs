@@ -614,3 +614,36 @@ impl Known for LaneKnown<'_> {
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_cap() {
+        for attempts in 0..20 {
+            let base = BACKOFF_MIN
+                .saturating_mul(1u32 << attempts.min(16))
+                .min(BACKOFF_MAX);
+            let d = jittered(BACKOFF_MIN, attempts);
+            assert!(
+                d >= base.mul_f64(0.5) && d < base.mul_f64(1.5),
+                "{attempts}: {d:?}"
+            );
+        }
+        assert!(jittered(BACKOFF_MIN, 30) < BACKOFF_MAX.mul_f64(1.5));
+    }
+
+    #[test]
+    fn token_bucket_holds_the_rate_after_its_burst() {
+        // 20 MiB/s with a 2 MiB burst: 12 MiB take at least (12 - 2) / 20 s = 0.5 s.
+        let b = TokenBucket::new(20 << 20);
+        let start = Instant::now();
+        for _ in 0..12 {
+            b.take(1 << 20);
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+}

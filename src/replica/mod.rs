@@ -80,6 +80,18 @@ pub fn add_backend(fs: &Fs, store_dir: &Path, mut cfg: BackendConfig) -> Result<
         .max()
         .unwrap_or(0)
         + 1;
+    // A `dir:` backend's directory is made here, when it is added, and never by an upload: a
+    // missing directory later means an unmounted disk, not an empty backup.
+    if let config::SpecKind::Dir(p) = config::parse_spec(&cfg.spec)? {
+        if !p.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p)
+                .map_err(|e| format!("cannot create backend directory {}: {e}", p.display()))?;
+        }
+    }
     let b = config::open(&cfg)?;
     b.exists(format::REPO_NAME)
         .map_err(|e| format!("backend {} ({}) does not answer: {e}", cfg.name, cfg.spec))?;
