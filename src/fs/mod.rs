@@ -372,6 +372,11 @@ impl Fs {
         self.meta.lock()
     }
 
+    /// A counter as the database holds it (`02 name`); 0 if absent or unreadable.
+    pub fn stored_counter(&self, name: &str) -> u64 {
+        counter(&self.eng, name).ok().flatten().unwrap_or(0)
+    }
+
     pub fn counters(&self) -> Counters {
         self.meta.lock().counters
     }

@@ -168,13 +168,7 @@ impl Lane {
         limit: Option<u64>,
     ) -> Arc<Lane> {
         let stats = LaneStats::default();
-        let uploaded = fs
-            .eng
-            .get(Cf::Meta, &keys::counter_key(&uploaded_counter(id)))
-            .ok()
-            .flatten()
-            .filter(|v| v.len() == 8)
-            .map_or(0, |v| keys::le_u64(&v));
+        let uploaded = fs.stored_counter(&uploaded_counter(id));
         stats.uploaded_bytes.store(uploaded, Ordering::Relaxed);
         Arc::new(Lane {
             id,

@@ -56,15 +56,6 @@ pub struct BackendStatus {
     pub backup_efficiency_bytes_per_sec: Option<f64>,
 }
 
-fn counter(fs: &Fs, name: &str) -> u64 {
-    fs.eng
-        .get(Cf::Meta, &keys::counter_key(name))
-        .ok()
-        .flatten()
-        .filter(|v| v.len() == 8)
-        .map_or(0, |v| keys::le_u64(&v))
-}
-
 /// Each snapshot's state on backend `id`, in the order they were taken.
 pub fn snapshot_states(fs: &Fs, id: u32) -> Result<Vec<(String, ReplSnap)>, String> {
     let prefix = keys::repl_key(keys::P_REPL_SNAP, id, &[]);
@@ -141,7 +132,7 @@ pub fn backend_status(
             )
         }
         None => (
-            counter(fs, &lane::uploaded_counter(cfg.id)),
+            fs.stored_counter(&lane::uploaded_counter(cfg.id)),
             0,
             0.0,
             0,

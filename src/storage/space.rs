@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const RESERVE_FILE: &str = "reserve";
 const MIN_RESERVE: u64 = 8 << 20;
@@ -26,6 +27,9 @@ const MAX_RESERVE: u64 = 1 << 30;
 pub struct Space {
     dir: PathBuf,
     reserve: u64,
+    /// Whether the reserve file is there: kept in memory, because every growing batch asks
+    /// (`is_low`); set again from the filesystem by each `refill_reserve`.
+    present: AtomicBool,
 }
 
 /// Free space as the store's owner can use it.
@@ -39,9 +43,11 @@ impl Space {
     /// The space of the filesystem holding store directory `dir`.
     pub fn new(dir: &Path) -> io::Result<Space> {
         let total = Self::measure(dir)?.total_bytes;
+        let present = dir.join(RESERVE_FILE).symlink_metadata().is_ok();
         Ok(Space {
             dir: dir.to_path_buf(),
             reserve: (total / 32).clamp(MIN_RESERVE, MAX_RESERVE),
+            present: AtomicBool::new(present),
         })
     }
 
@@ -85,13 +91,14 @@ impl Space {
     }
 
     pub fn reserve_present(&self) -> bool {
-        self.reserve_path().symlink_metadata().is_ok()
+        self.present.load(Ordering::Acquire)
     }
 
     /// Deletes the reserve file, if there is one. Returns whether it was there.
     pub fn release_reserve(&self) -> bool {
         match std::fs::remove_file(self.reserve_path()) {
             Ok(()) => {
+                self.present.store(false, Ordering::Release);
                 if let Ok(d) = File::open(&self.dir) {
                     let _ = d.sync_all();
                 }
@@ -110,7 +117,9 @@ impl Space {
     /// Allocates the reserve file again if it is missing and free space is back above three
     /// times its size. Returns whether it allocated one.
     pub fn refill_reserve(&self) -> io::Result<bool> {
-        if self.reserve_present() || self.free()?.free_bytes < 3 * self.reserve {
+        let present = self.reserve_path().symlink_metadata().is_ok();
+        self.present.store(present, Ordering::Release);
+        if present || self.free()?.free_bytes < 3 * self.reserve {
             return Ok(false);
         }
         let tmp = self.dir.join(format!("{RESERVE_FILE}.tmp"));
@@ -131,6 +140,7 @@ impl Space {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
+        self.present.store(true, Ordering::Release);
         Ok(true)
     }
 }
