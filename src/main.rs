@@ -433,8 +433,8 @@ fn check(target: &Path, verify_data: bool, as_json: bool) -> Result<(), String> 
         json(&r)?;
     } else {
         println!(
-            "checked {} chunks ({} bodies verified), {} references, {} directory entries at {} epochs",
-            r.chunks, r.chunks_verified, r.references, r.entries_checked, r.epochs_checked
+            "checked {} chunks ({} bodies verified), {} references, {} directory entries and {} inodes at {} epochs",
+            r.chunks, r.chunks_verified, r.references, r.entries_checked, r.inodes_checked, r.epochs_checked
         );
         for p in &r.problems {
             println!("problem: {p}");

@@ -27,10 +27,12 @@ trap 'exit 130' INT TERM
 "$here/garage.sh" start "$garage_dir"
 # shellcheck source=/dev/null
 . "$garage_dir/env"  # AWS_*, SNAPFS_TEST_S3_ENDPOINT, SNAPFS_TEST_S3_BUCKET, SNAPFS_TEST_GARAGE_*
-step "cargo test (core, model, stress, hostile-input, mount, snapshot, kill -9 crash, ENOSPC and replication tests: dir: and Garage)"
+step "cargo test (core, model, stress, hostile-input, mount, snapshot, kill -9 crash, power loss, ENOSPC and replication tests: dir: and Garage)"
 cargo test --release --locked 2>&1 | tee "$logs/cargo-test.log"
 step "cargo test: deterministic interleavings through failpoints"
 cargo test --release --locked --features failpoints --test interleavings 2>&1 | tee -a "$logs/cargo-test.log"
+step "cargo test: the power-loss harness catches a build whose fsync does not sync"
+cargo test --release --locked --features failpoints --test powerloss -- catches 2>&1 | tee -a "$logs/cargo-test.log"
 step "pjdfstest against a live mount"
 "$here/pjdfstest.sh" 2>&1 | tee "$logs/pjdfstest.log"
 step "fsx against a live mount"

@@ -99,6 +99,25 @@ pub fn render(ctx: &Ctx) -> String {
         "gauge",
         &[(String::new(), c.referenced_bytes as f64)],
     );
+    let w = ctx.fs.write_path();
+    metric(
+        "write_buffered_bytes",
+        "Acknowledged bytes in unsealed chunk buffers.",
+        "gauge",
+        &[(String::new(), w.buffered_bytes as f64)],
+    );
+    metric(
+        "write_sealing_bytes",
+        "Bytes of full chunks waiting at the sealers (hash, compression, commit).",
+        "gauge",
+        &[(String::new(), w.sealing_bytes as f64)],
+    );
+    metric(
+        "write_sealer_queue",
+        "Seal jobs waiting in the sealer queues.",
+        "gauge",
+        &[(String::new(), w.sealer_queue as f64)],
+    );
     if let Ok(space) = crate::storage::space::Space::new(&ctx.store_dir) {
         let s = crate::daemon::space::status(&ctx.fs, &space);
         metric(

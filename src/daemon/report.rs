@@ -39,6 +39,9 @@ pub struct StoreStat {
     /// Free space on the store's filesystem and whether writes are accepted.
     #[serde(default)]
     pub space: crate::daemon::space::SpaceStat,
+    /// Acknowledged writes not yet committed: buffers, seal jobs, the sealers' queue.
+    #[serde(default)]
+    pub write_path: crate::fs::WritePath,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -102,6 +105,7 @@ pub fn stat(fs: &Fs, dir: &Path, chunk_size: usize) -> Result<StoreStat, String>
         .unwrap_or_default();
     Ok(StoreStat {
         space,
+        write_path: fs.write_path(),
         live_unique_bytes: live_unique,
         snapshot_only_bytes: c.unique_bytes.saturating_sub(live_unique),
         snapshots,
@@ -155,7 +159,9 @@ impl StoreStat {
              disk usage:        {} ({})\n\
              dedup ratio:       {:.2}x\n\
              compression ratio: {:.2}x\n\
-             space:             {} ({} free of {}, floor {}, reserve {})\n",
+             space:             {} ({} free of {}, floor {}, reserve {})\n\
+             write path:        {} buffered in {} chunks, {} in {} chunks at the sealers \
+             (queue {}, {} sealers), {} open files\n",
             self.store,
             self.format_version,
             human(self.chunk_size),
@@ -187,6 +193,13 @@ impl StoreStat {
                 true => human(self.space.reserve_bytes),
                 false => "released".into(),
             },
+            human(self.write_path.buffered_bytes),
+            self.write_path.buffered_chunks,
+            human(self.write_path.sealing_bytes),
+            self.write_path.sealing_chunks,
+            self.write_path.sealer_queue,
+            self.write_path.sealers,
+            self.write_path.open_files,
         )
     }
 }

@@ -15,7 +15,8 @@ use crate::storage::engine::Cf;
 use crate::storage::keys::{self, ChunkId, MapEntry, TAG_LIVE};
 
 use super::txn::decode_ref;
-use super::{Counters, Fs};
+use super::{Counters, Fs, ROOT_INO};
+use crate::storage::inode::{Attr, Kind};
 
 /// What `Fs::check` found. `problems` is empty for a consistent store.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
@@ -24,6 +25,8 @@ pub struct CheckReport {
     pub references: u64,
     pub epochs_checked: u64,
     pub entries_checked: u64,
+    #[serde(default)]
+    pub inodes_checked: u64,
     pub chunks_verified: u64,
     /// One line per inconsistency (at most 100 are listed; `problem_count` counts all).
     pub problems: Vec<String>,
@@ -140,18 +143,35 @@ impl Fs {
             ));
         }
         let mut epochs: Vec<u64> = self.snapshot_list()?.iter().map(|s| s.epoch).collect();
-        epochs.push(self.view_epoch());
+        let live = self.view_epoch();
+        epochs.push(live);
+        let mut orphans: HashSet<u64> = HashSet::new();
+        for item in self
+            .eng
+            .reader()?
+            .scan(Cf::Meta, &[keys::P_ORPHAN], &[keys::P_ORPHAN])
+        {
+            let (k, _) = item?;
+            match k.get(1..9) {
+                Some(b) if k.len() == 9 => {
+                    orphans.insert(keys::be_u64(b));
+                }
+                _ => r.problem("an orphan key has the wrong length".into()),
+            }
+        }
         drop(meta);
         // Namespace at every retained epoch: each entry names an inode that exists there.
         for e in epochs {
             let view = self.view(e);
             r.epochs_checked += 1;
+            let mut named: HashMap<u64, u32> = HashMap::new();
             for (rec, p) in view.scan_recs(&[keys::P_DIRENT])? {
                 r.entries_checked += 1;
                 let Some(child) = keys::Dirent::decode(&p).map(|d| d.ino) else {
                     r.problem(format!("epoch {e}: a directory entry does not decode"));
                     continue;
                 };
+                *named.entry(child).or_default() += 1;
                 if view.get_rec(&keys::inode_rec(child))?.is_none() {
                     r.problem(format!(
                         "epoch {e}: entry {:?} in directory {} names inode {child}, which does not exist",
@@ -160,7 +180,68 @@ impl Fs {
                     ));
                 }
             }
+            self.check_inodes(&view, e == live, &named, &orphans, &mut r)?;
         }
         Ok(r)
+    }
+
+    /// At one epoch: every inode is named by as many entries as its link count says (an
+    /// inode nobody names is lost, or at the live epoch an orphan that must be listed for
+    /// reclamation), and every chunk-map entry belongs to an inode and lies below its size.
+    fn check_inodes(
+        &self,
+        view: &Fs,
+        is_live: bool,
+        named: &HashMap<u64, u32>,
+        orphans: &HashSet<u64>,
+        r: &mut CheckReport,
+    ) -> Result<()> {
+        let e = view.view_epoch();
+        let mut sizes: HashMap<u64, u64> = HashMap::new();
+        for (rec, p) in view.scan_recs(&[keys::P_INODE])? {
+            let ino = keys::be_u64(&rec[1..9]);
+            r.inodes_checked += 1;
+            let Some(a) = Attr::decode(ino, &p) else {
+                r.problem(format!("epoch {e}: inode {ino} does not decode"));
+                continue;
+            };
+            sizes.insert(ino, a.size);
+            if ino == ROOT_INO {
+                continue;
+            }
+            let n = named.get(&ino).copied().unwrap_or(0);
+            if n == 0 {
+                if a.nlink > 0 {
+                    r.problem(format!(
+                        "epoch {e}: inode {ino} has {} links but no directory entry names it",
+                        a.nlink
+                    ));
+                } else if is_live && !orphans.contains(&ino) {
+                    r.problem(format!(
+                        "inode {ino} is unlinked but not listed as an orphan: its space would never be reclaimed"
+                    ));
+                }
+            } else if a.kind != Kind::Dir && n != a.nlink {
+                r.problem(format!(
+                    "epoch {e}: inode {ino} has {} links but {n} directory entries name it",
+                    a.nlink
+                ));
+            }
+        }
+        let cs = self.chunk_size as u64;
+        for (rec, _) in view.scan_recs(&[keys::P_MAP])? {
+            let ino = keys::be_u64(&rec[1..9]);
+            let index = keys::map_index(&rec);
+            match sizes.get(&ino) {
+                None => r.problem(format!(
+                    "epoch {e}: chunk {index} of inode {ino}, which does not exist"
+                )),
+                Some(&size) if index.saturating_mul(cs) >= size => r.problem(format!(
+                    "epoch {e}: chunk {index} of inode {ino} lies past its size {size}"
+                )),
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 }

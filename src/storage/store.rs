@@ -137,6 +137,17 @@ impl Store {
             }
             r => r?,
         };
+        if fresh {
+            // RocksDB syncs the files in db/ and db/ itself, not the entry `db` in the store
+            // directory (nor the store's own entry in its parent): without these a power loss
+            // soon after the first mount could lose the whole store, fsynced data included.
+            sync_dir(&dir)?;
+            if made {
+                if let Some(parent) = dir.parent() {
+                    sync_dir(parent)?;
+                }
+            }
+        }
         let chunk_size = match read_super(&eng)? {
             Some(cs) => cs,
             None => {
@@ -170,6 +181,13 @@ impl Store {
             _lock: lock,
         })
     }
+}
+
+/// fsync of a directory: makes the entries created in it durable.
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))
 }
 
 /// Creates a new store directory 0700 (missing parents with the process umask, which the

@@ -1,0 +1,51 @@
+//! The write path's own figures (`snapfs stat`, the metrics): what is acknowledged to
+//! writers but not yet committed to the engine.
+
+use serde::{Deserialize, Serialize};
+
+use super::Fs;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritePath {
+    /// Files with an open handle.
+    pub open_files: u64,
+    /// Bytes in unsealed per-chunk buffers: acknowledged writes that no seal job holds yet.
+    pub buffered_bytes: u64,
+    pub buffered_chunks: u64,
+    /// Full chunks handed to the sealers and not yet committed: they wait to be hashed and
+    /// compressed (today compression runs in the sealer, so these are the bytes waiting for
+    /// compression).
+    pub sealing_bytes: u64,
+    pub sealing_chunks: u64,
+    /// Seal jobs waiting in the sealer queues (the sealers' queue depth).
+    pub sealer_queue: u64,
+    /// Sealer threads (0: sealing runs inline in the writer).
+    pub sealers: u64,
+}
+
+impl Fs {
+    /// A snapshot of the write path's state. Takes each open file's state lock shared, one
+    /// at a time, so it never waits for more than one write.
+    pub fn write_path(&self) -> WritePath {
+        let files: Vec<_> = self.open.lock().values().map(|e| e.file.clone()).collect();
+        let mut w = WritePath {
+            open_files: files.len() as u64,
+            ..WritePath::default()
+        };
+        for f in files {
+            {
+                let st = f.state.read();
+                w.buffered_chunks += st.buffers.len() as u64;
+                w.buffered_bytes += st.buffers.values().map(|b| b.len() as u64).sum::<u64>();
+            }
+            let sealing = f.sealing.lock();
+            w.sealing_chunks += sealing.len() as u64;
+            w.sealing_bytes += sealing.values().map(|b| b.len() as u64).sum::<u64>();
+        }
+        if let Some(senders) = self.sealer.get() {
+            w.sealers = senders.len() as u64;
+            w.sealer_queue = senders.iter().map(|s| s.len() as u64).sum();
+        }
+        w
+    }
+}
