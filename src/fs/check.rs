@@ -245,3 +245,153 @@ impl Fs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each test damages a consistent store in one way and requires `check` to say so: a
+    //! check that cannot fail proves nothing.
+
+    use super::super::txn::Txn;
+    use super::super::{Creds, Fs, ROOT_INO};
+    use crate::storage::engine::{Batch, Cf};
+    use crate::storage::store::Store;
+
+    const ME: Creds = Creds { uid: 0, gid: 0 };
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(dir, true, Some(64 * 1024)).unwrap()
+    }
+
+    fn file(fs: &Fs, name: &str, len: usize) -> u64 {
+        let a = fs
+            .mknod(ROOT_INO, name.as_bytes(), libc::S_IFREG | 0o644, 0, ME)
+            .unwrap();
+        let h = fs.open(a.ino, true).unwrap();
+        let body: Vec<u8> = (0..len).map(|i| (i * 7 + name.len()) as u8).collect();
+        fs.write(&h, 0, &body).unwrap();
+        fs.release(&h).unwrap();
+        a.ino
+    }
+
+    fn problems(fs: &Fs) -> Vec<String> {
+        let r = fs.check(true).unwrap();
+        assert_eq!(r.problem_count as usize, r.problems.len());
+        r.problems
+    }
+
+    fn set_attr(fs: &Fs, ino: u64, f: impl FnOnce(&mut crate::storage::inode::Attr)) {
+        let mut txn = Txn::new(fs);
+        let mut a = txn.attr(ino).unwrap();
+        f(&mut a);
+        txn.put_attr(a);
+        let mut meta = fs.lock_meta();
+        txn.commit(&mut meta, false).unwrap();
+    }
+
+    #[test]
+    fn a_consistent_store_is_clean() {
+        let t = tempfile::tempdir().unwrap();
+        let s = store(t.path());
+        file(&s.fs, "a", 200_000);
+        s.fs.link(file(&s.fs, "b", 10), ROOT_INO, b"b2").unwrap();
+        let r = s.fs.check(true).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert!(r.inodes_checked >= 3 && r.chunks_verified >= 2, "{r:?}");
+    }
+
+    #[test]
+    fn finds_a_wrong_link_count() {
+        let t = tempfile::tempdir().unwrap();
+        let s = store(t.path());
+        let ino = file(&s.fs, "a", 10);
+        set_attr(&s.fs, ino, |a| a.nlink = 2);
+        let p = problems(&s.fs);
+        assert!(
+            p.iter()
+                .any(|l| l.contains("has 2 links but 1 directory entries")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn finds_a_linked_inode_no_entry_names() {
+        let t = tempfile::tempdir().unwrap();
+        let s = store(t.path());
+        let ino = file(&s.fs, "a", 10);
+        let mut txn = Txn::new(&s.fs);
+        txn.del_rec(&crate::storage::keys::dirent_rec(ROOT_INO, b"a"))
+            .unwrap();
+        let mut meta = s.fs.lock_meta();
+        txn.commit(&mut meta, false).unwrap();
+        drop(meta);
+        let p = problems(&s.fs);
+        assert!(
+            p.iter()
+                .any(|l| l.contains(&format!("inode {ino} has 1 links but no directory entry"))),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn finds_an_unlinked_inode_that_is_not_an_orphan() {
+        let t = tempfile::tempdir().unwrap();
+        let s = store(t.path());
+        let ino = file(&s.fs, "a", 10);
+        let mut txn = Txn::new(&s.fs);
+        txn.del_rec(&crate::storage::keys::dirent_rec(ROOT_INO, b"a"))
+            .unwrap();
+        let mut a = txn.attr(ino).unwrap();
+        a.nlink = 0;
+        txn.put_attr(a);
+        let mut meta = s.fs.lock_meta();
+        txn.commit(&mut meta, false).unwrap();
+        drop(meta);
+        let p = problems(&s.fs);
+        assert!(
+            p.iter().any(|l| l.contains("not listed as an orphan")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn finds_a_chunk_past_the_size() {
+        let t = tempfile::tempdir().unwrap();
+        let s = store(t.path());
+        let ino = file(&s.fs, "a", 200_000);
+        // The size shrinks without the chunk-map entries that lie beyond it.
+        set_attr(&s.fs, ino, |a| a.size = 10);
+        let p = problems(&s.fs);
+        assert!(
+            p.iter().any(|l| l.contains("lies past its size 10")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn finds_a_wrong_refcount_and_a_damaged_body() {
+        for damage_body in [true, false] {
+            let t = tempfile::tempdir().unwrap();
+            let s = store(t.path());
+            let ino = file(&s.fs, "a", 64 * 1024);
+            let h = s.fs.open(ino, false).unwrap();
+            let content = s.fs.read(&h, 0, 64 * 1024).unwrap();
+            s.fs.release(&h).unwrap();
+            let id = crate::storage::chunk::chunk_id(&content);
+            let mut b = Batch::new();
+            if damage_body {
+                let mut bad = s.fs.eng.get(Cf::Chunks, &id).unwrap().unwrap();
+                let mid = bad.len() / 2;
+                bad[mid] ^= 1;
+                s.fs.eng.put(&mut b, Cf::Chunks, &id, &bad);
+            } else {
+                let k = crate::storage::keys::refcount_key(&id);
+                let mut v = s.fs.eng.get(Cf::Meta, &k).unwrap().unwrap();
+                v[0] = v[0].wrapping_add(1);
+                s.fs.eng.put(&mut b, Cf::Meta, &k, &v);
+            }
+            s.fs.eng.write(b, false).unwrap();
+            let p = problems(&s.fs);
+            assert!(!p.is_empty(), "damage (body: {damage_body}) went unnoticed");
+        }
+    }
+}
