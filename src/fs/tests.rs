@@ -404,3 +404,23 @@ fn foreign_directory_is_not_a_store() {
     let err = Store::open(t.path(), true, None).err().unwrap();
     assert!(err.contains("not a snapfs store"), "{err}");
 }
+
+#[test]
+fn write_path_counts_buffered_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let a = fs
+        .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, ME)
+        .unwrap();
+    let h = fs.open(a.ino, true).unwrap();
+    fs.write(&h, 0, &data(CS + 1000, 1)).unwrap();
+    let w = fs.write_path();
+    assert_eq!(w.open_files, 1, "{w:?}");
+    assert_eq!(w.buffered_bytes, 1000, "{w:?}");
+    assert_eq!(w.buffered_chunks, 1, "{w:?}");
+    fs.fsync(&h).unwrap();
+    assert_eq!(fs.write_path().buffered_bytes, 0);
+    fs.release(&h).unwrap();
+    assert_eq!(fs.write_path().open_files, 0);
+}
