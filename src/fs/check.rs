@@ -279,13 +279,23 @@ mod tests {
         r.problems
     }
 
-    fn set_attr(fs: &Fs, ino: u64, f: impl FnOnce(&mut crate::storage::inode::Attr)) {
+    /// Commits one damaging transaction.
+    fn damage(fs: &Fs, f: impl FnOnce(&mut Txn)) {
         let mut txn = Txn::new(fs);
+        f(&mut txn);
+        let mut meta = fs.lock_meta();
+        txn.commit(&mut meta, false).unwrap();
+    }
+
+    fn set_attr(txn: &mut Txn, ino: u64, f: impl FnOnce(&mut crate::storage::inode::Attr)) {
         let mut a = txn.attr(ino).unwrap();
         f(&mut a);
         txn.put_attr(a);
-        let mut meta = fs.lock_meta();
-        txn.commit(&mut meta, false).unwrap();
+    }
+
+    fn unname(txn: &mut Txn, name: &[u8]) {
+        txn.del_rec(&crate::storage::keys::dirent_rec(ROOT_INO, name))
+            .unwrap();
     }
 
     #[test]
@@ -304,7 +314,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = store(t.path());
         let ino = file(&s.fs, "a", 10);
-        set_attr(&s.fs, ino, |a| a.nlink = 2);
+        damage(&s.fs, |t| set_attr(t, ino, |a| a.nlink = 2));
         let p = problems(&s.fs);
         assert!(
             p.iter()
@@ -318,12 +328,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = store(t.path());
         let ino = file(&s.fs, "a", 10);
-        let mut txn = Txn::new(&s.fs);
-        txn.del_rec(&crate::storage::keys::dirent_rec(ROOT_INO, b"a"))
-            .unwrap();
-        let mut meta = s.fs.lock_meta();
-        txn.commit(&mut meta, false).unwrap();
-        drop(meta);
+        damage(&s.fs, |t| unname(t, b"a"));
         let p = problems(&s.fs);
         assert!(
             p.iter()
@@ -337,15 +342,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = store(t.path());
         let ino = file(&s.fs, "a", 10);
-        let mut txn = Txn::new(&s.fs);
-        txn.del_rec(&crate::storage::keys::dirent_rec(ROOT_INO, b"a"))
-            .unwrap();
-        let mut a = txn.attr(ino).unwrap();
-        a.nlink = 0;
-        txn.put_attr(a);
-        let mut meta = s.fs.lock_meta();
-        txn.commit(&mut meta, false).unwrap();
-        drop(meta);
+        damage(&s.fs, |t| {
+            unname(t, b"a");
+            set_attr(t, ino, |a| a.nlink = 0);
+        });
         let p = problems(&s.fs);
         assert!(
             p.iter().any(|l| l.contains("not listed as an orphan")),
@@ -359,7 +359,7 @@ mod tests {
         let s = store(t.path());
         let ino = file(&s.fs, "a", 200_000);
         // The size shrinks without the chunk-map entries that lie beyond it.
-        set_attr(&s.fs, ino, |a| a.size = 10);
+        damage(&s.fs, |t| set_attr(t, ino, |a| a.size = 10));
         let p = problems(&s.fs);
         assert!(
             p.iter().any(|l| l.contains("lies past its size 10")),
