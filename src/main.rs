@@ -99,6 +99,10 @@ enum Cmd {
         /// Memory for decoded chunks, shared by the tree and every snapshot view (e.g. 256MiB).
         #[arg(long, value_parser = parse_size, default_value = "64MiB")]
         cache_size: usize,
+        /// Memory for acknowledged writes not yet handed to a sealer, over all open files
+        /// (e.g. 512MiB). A write that finds it used up seals its own file's buffers first.
+        #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+        write_buffer: usize,
         /// Take a snapshot at this interval (e.g. 10m), named auto-<UTC time>.
         #[arg(long, value_parser = retention::parse_duration)]
         snapshot_every: Option<std::time::Duration>,
@@ -436,6 +440,12 @@ fn check(target: &Path, verify_data: bool, as_json: bool) -> Result<(), String> 
             "checked {} chunks ({} bodies verified), {} references, {} directory entries and {} inodes at {} epochs",
             r.chunks, r.chunks_verified, r.references, r.entries_checked, r.inodes_checked, r.epochs_checked
         );
+        if r.awaiting_gc > 0 {
+            println!(
+                "{} chunk bodies written ahead of a commit that a crash prevented: garbage, freed by the next collection",
+                r.awaiting_gc
+            );
+        }
         for p in &r.problems {
             println!("problem: {p}");
         }
@@ -530,6 +540,7 @@ fn main() -> ExitCode {
             snapshot,
             show_snapshots,
             cache_size,
+            write_buffer,
             snapshot_every,
             keep,
             replicate,
@@ -562,6 +573,7 @@ fn main() -> ExitCode {
                 snapshot,
                 show_snapshots,
                 cache_bytes: cache_size,
+                write_buffer_bytes: write_buffer,
                 snapshot_every,
                 keep: keep.policy(),
                 replicate,

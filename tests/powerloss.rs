@@ -57,8 +57,10 @@ fn data(rng: &mut Rng) -> Vec<u8> {
     let size = match rng.below(8) {
         0 => 0,
         1..=3 => rng.below(64 << 10),
-        4..=6 => rng.below(1 << 20),
-        _ => rng.below(6 << 20),
+        4..=5 => rng.below(1 << 20),
+        // Past the first four 1 MiB chunks, full chunks take the deferred commit
+        // (src/fs/defer.rs): bodies without the WAL, then one flush, then the metadata.
+        _ => rng.below(12 << 20),
     } as usize;
     if rng.below(3) == 0 {
         // Compressible, like the zero-heavy parts of a checkpoint.

@@ -24,7 +24,8 @@ options:
   --workdir DIR     where test dirs and stores live (default /var/tmp/snapfs-bench)
   --results DIR     results dir (default WORKDIR/results/YYYYmmdd-HHMMSS)
 env: SNAPFS_BIN (default ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs),
-     SNAPFS_MOUNT_OPTS (extra `snapfs mount` arguments, e.g. "--chunk-size 4194304")
+     SNAPFS_MOUNT_OPTS (extra `snapfs mount` arguments, e.g. "--chunk-size 4194304"),
+     BENCH_DATA=bf16 (checkpoint-like data, zstd -1 saves about 12%; default incompressible)
 Must run as root (drop_caches). Refuses to run with less than 8 GiB free.
 EOF
 }
@@ -104,6 +105,7 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
     echo "snapfs:  $SNAPFS"
     echo "runs=$RUNS size_mib=$SIZE_MIB files=$FILES threads=${THREADS:-default} workdir=$WORK"
     echo "SNAPFS_MOUNT_OPTS=${SNAPFS_MOUNT_OPTS:-}"
+    echo "BENCH_DATA=${BENCH_DATA:-random}"
     echo; echo "\$ uname -a"; uname -a
     echo "\$ nproc"; nproc
     echo "\$ free -g"; free -g
@@ -168,13 +170,33 @@ alternate() {   # BENCH FN: warm-up, then RUNS x (native, snapfs); FN SIDE DIR R
 }
 
 # ------------------------------------------------------------- benchmarks ---
+# CPU seconds (user + system) the snapfs daemon has used so far; 0 on the native side.
+daemon_cpu() {
+    [[ $1 == snapfs && -n ${SNAPFS_PID:-} ]] || { echo 0; return; }
+    awk -v tck="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / tck }' \
+        "/proc/$SNAPFS_PID/stat"
+}
+
 p1_write_once() {
-    local b=$1 side=$2 dir=$3 run=$4
+    local b=$1 side=$2 dir=$3 run=$4 cpu0 cpu1
     sync
+    cpu0=$(daemon_cpu "$side")
     io write "$dir/checkpoint.bin" --mib "$SIZE_MIB" --seed "$(seed "$b" "$side" "$run")" \
         --out "$TSV" --bench "$b" --side "$side" --run "$run"
+    cpu1=$(daemon_cpu "$side")
+    # The daemon's CPU from the first write to fsync's return, per GiB written.
+    [[ $side != snapfs ]] ||
+        awk -v a="$cpu0" -v b="$cpu1" -v m="$SIZE_MIB" -v r="$run" -v bn="$b" \
+            'BEGIN { printf "%s\t%s\t%.3f\n", bn, r, (b - a) * 1024 / m }' >>"$RESULTS/cpu.tsv"
     rm -f "$dir/checkpoint.bin"
     sync
+}
+
+cpu_summary() {   # BENCH: median daemon CPU-s/GiB over the timed runs
+    [[ -f $RESULTS/cpu.tsv ]] || return 0
+    awk -F'\t' -v bn="$1" '$1 == bn && $2 != "warmup" { print $3 }' "$RESULTS/cpu.tsv" | sort -n |
+        awk '{ v[NR] = $1 } END { if (NR) printf "%s: daemon CPU per GiB written (to fsync): runs %d, median %.3f s/GiB (min %.3f, max %.3f)\n", bn, NR, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2), v[1], v[NR] }' bn="$1" |
+        tee -a "$RESULTS/cpu-summary.txt"
 }
 
 p1_multi_once() {
@@ -204,7 +226,7 @@ p7_once() {
 }
 
 bench_p1() {
-    setup p1-write; alternate p1-write p1_write_once; teardown p1-write
+    setup p1-write; alternate p1-write p1_write_once; cpu_summary p1-write; teardown p1-write
     setup p1-multi; alternate p1-multi p1_multi_once; teardown p1-multi
 }
 

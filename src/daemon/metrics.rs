@@ -113,6 +113,12 @@ pub fn render(ctx: &Ctx) -> String {
         &[(String::new(), w.sealing_bytes as f64)],
     );
     metric(
+        "write_parked_bytes",
+        "Bytes of full chunks written ahead without the WAL, waiting for a group commit.",
+        "gauge",
+        &[(String::new(), w.parked_bytes as f64)],
+    );
+    metric(
         "write_sealer_queue",
         "Seal jobs waiting in the sealer queues.",
         "gauge",

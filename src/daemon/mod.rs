@@ -36,6 +36,8 @@ pub struct MountArgs {
     pub show_snapshots: bool,
     /// Bytes of decoded chunks cached, shared by the tree and every snapshot view.
     pub cache_bytes: usize,
+    /// The global budget of unsealed write buffers (`mount --write-buffer`).
+    pub write_buffer_bytes: usize,
     /// Take a snapshot at this interval, then apply `keep` to automatic snapshots.
     pub snapshot_every: Option<std::time::Duration>,
     pub keep: crate::daemon::retention::Policy,
@@ -307,6 +309,7 @@ fn run_mount_inner(a: &MountArgs, remote: Option<Remote>) -> Result<(), String> 
         report::human(store.chunk_size as u64)
     );
     store.fs.chunk_cache().set_capacity(a.cache_bytes);
+    store.fs.set_write_budget(a.write_buffer_bytes);
     if let Some(Remote(b)) = remote {
         store
             .fs

@@ -160,8 +160,8 @@ impl StoreStat {
              dedup ratio:       {:.2}x\n\
              compression ratio: {:.2}x\n\
              space:             {} ({} free of {}, floor {}, reserve {})\n\
-             write path:        {} buffered in {} chunks, {} in {} chunks at the sealers \
-             (queue {}, {} sealers), {} open files\n",
+             write path:        {} buffered in {} chunks (budget {}), {} in {} chunks at the sealers \
+             ({} of them written, waiting for a group commit; queue {}, {} sealers), {} open files\n",
             self.store,
             self.format_version,
             human(self.chunk_size),
@@ -195,8 +195,10 @@ impl StoreStat {
             },
             human(self.write_path.buffered_bytes),
             self.write_path.buffered_chunks,
+            human(self.write_path.budget_bytes),
             human(self.write_path.sealing_bytes),
             self.write_path.sealing_chunks,
+            human(self.write_path.parked_bytes),
             self.write_path.sealer_queue,
             self.write_path.sealers,
             self.write_path.open_files,

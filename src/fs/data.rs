@@ -12,6 +12,7 @@
 //! 4. flush, fsync, release and truncate first wait for the file's queued jobs, then seal the
 //!    partial buffers the same way inline; fsync then syncs the WAL before it returns.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{FsError, Result};
@@ -25,12 +26,26 @@ use super::{FileState, Fs, OpenFile, Txn};
 
 /// A full chunk on its way to the sealer thread.
 pub(crate) struct SealJob {
-    ino: u64,
-    file: Arc<OpenFile>,
-    idx: u64,
-    data: Arc<Vec<u8>>,
-    size: u64,
-    time: Time,
+    pub(super) ino: u64,
+    pub(super) file: Arc<OpenFile>,
+    pub(super) idx: u64,
+    pub(super) data: Arc<Vec<u8>>,
+    pub(super) size: u64,
+    pub(super) time: Time,
+}
+
+impl SealJob {
+    /// The job's size and times into the inode. Sealers (and group commits) may commit out
+    /// of order across chunks; sizes only shrink through truncate, which waits for every
+    /// queued job first.
+    pub(super) fn apply_attr(&self, txn: &mut Txn<'_>) -> Result<()> {
+        let mut a = txn.attr(self.ino)?;
+        a.size = a.size.max(self.size);
+        a.mtime = a.mtime.max(self.time);
+        a.ctime = a.ctime.max(self.time);
+        txn.put_attr(a);
+        Ok(())
+    }
 }
 
 /// Chunks queued per sealer thread (backpressure on fast writers).
@@ -40,8 +55,9 @@ const SEAL_QUEUE: usize = 2;
 const SEALERS: usize = 2;
 
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-/// Unsealed bytes one file may hold before all its buffers are sealed.
-const MAX_DIRTY_PER_FILE: usize = 64 << 20;
+/// Unsealed buffers all open files may hold (`mount --write-buffer`) before a write seals
+/// its own file's buffers inline (back-pressure on the writers that hold them).
+pub const DEFAULT_WRITE_BUDGET: usize = 1 << 30;
 
 /// The most one copy_file_range request copies (`copy_range`).
 const COPY_MAX: u64 = 64 << 20;
@@ -217,6 +233,54 @@ impl Fs {
         // Held for the whole call: a snapshot sees this write wholly or not at all.
         let _barrier = self.barrier.read();
         let mut st = h.file.state.write();
+        let before = st.buffers.len();
+        let r = self.write_locked(h, &mut st, offset, end, data);
+        self.account(before, st.buffers.len());
+        let n = r?;
+        // Partial chunks past the budget (many files, or random writes into new regions):
+        // this writer seals its own file's buffers before it returns.
+        if !st.buffers.is_empty() && self.over_budget() {
+            let before = st.buffers.len();
+            let all: Vec<u64> = st.buffers.keys().copied().collect();
+            let r = h
+                .file
+                .wait_sealed(self)
+                .and_then(|()| self.seal(h.ino, &h.file, &mut st, &all));
+            self.account(before, st.buffers.len());
+            r?;
+        }
+        Ok(n)
+    }
+
+    /// The budget of unsealed buffers over all open files, in bytes.
+    pub fn set_write_budget(&self, bytes: usize) {
+        self.write_budget.store(bytes as u64, Ordering::Release);
+    }
+
+    /// Counts a file's buffers that came or went while its state was locked.
+    fn account(&self, before: usize, after: usize) {
+        if after >= before {
+            self.dirty_chunks
+                .fetch_add((after - before) as u64, Ordering::AcqRel);
+        } else {
+            self.dirty_chunks
+                .fetch_sub((before - after) as u64, Ordering::AcqRel);
+        }
+    }
+
+    fn over_budget(&self) -> bool {
+        self.dirty_chunks.load(Ordering::Acquire) * self.chunk_size as u64
+            > self.write_budget.load(Ordering::Acquire)
+    }
+
+    fn write_locked(
+        &self,
+        h: &Handle,
+        st: &mut FileState,
+        offset: u64,
+        end: u64,
+        data: &[u8],
+    ) -> Result<u32> {
         // First load every chunk this write only partly covers, so that a failed load (a
         // corrupt or unreadable chunk) returns before any buffer or the size has changed.
         for (idx, within, _, n) in chunk_spans(offset, data.len(), self.chunk_size) {
@@ -246,14 +310,10 @@ impl Fs {
         }
         st.size = st.size.max(end);
         st.times_dirty = Some(Time::now());
-        if st.buffers.len() * self.chunk_size > MAX_DIRTY_PER_FILE {
-            let all: Vec<u64> = st.buffers.keys().copied().collect();
-            h.file.wait_sealed()?;
-            self.seal(h.ino, &h.file, &mut st, &all)?;
-        } else if !full.is_empty() {
+        if !full.is_empty() {
             match self.sealer.get() {
-                Some(q) => self.enqueue(q, h, &mut st, &full)?,
-                None => self.seal(h.ino, &h.file, &mut st, &full)?,
+                Some(q) => self.enqueue(q, h, st, &full)?,
+                None => self.seal(h.ino, &h.file, st, &full)?,
             }
         }
         Ok(data.len() as u32)
@@ -313,14 +373,26 @@ impl Fs {
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("snapfs-sealer-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        // The strong reference ends before the job is marked done, so whoever
-                        // waits for the job may drop the last one and close the engine.
-                        let r = match weak.upgrade() {
-                            Some(fs) => fs.commit_job(&job),
-                            None => Err(FsError::Io),
-                        };
+                .spawn(move || loop {
+                    // The strong reference ends before any job is marked done, so whoever
+                    // waits for a job may drop the last one and close the engine.
+                    let done = match rx.recv_timeout(super::defer::IDLE_COMMIT) {
+                        Ok(job) => match weak.upgrade() {
+                            Some(fs) if fs.defers(&job) => fs.park(job),
+                            Some(fs) => {
+                                let r = fs.commit_job(&job);
+                                vec![(job, r)]
+                            }
+                            None => vec![(job, Err(FsError::Io))],
+                        },
+                        // Idle: commit what is parked rather than hold it in memory.
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => weak
+                            .upgrade()
+                            .map(|fs| fs.take_and_commit())
+                            .unwrap_or_default(),
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                    };
+                    for (job, r) in done {
                         finish_job(&job, r);
                     }
                 });
@@ -334,18 +406,12 @@ impl Fs {
         let prepared = self.prepare_chunk_shared(job.data.clone())?;
         let body_len = match &prepared.1 {
             Body::Encoded(e) => e.len(),
-            Body::Raw(_) | Body::Remote(_) => 0,
+            Body::Raw(_) | Body::Remote(_) | Body::Written { .. } => 0,
         };
         let mut meta = self.lock_meta();
         let mut txn = Txn::with_capacity(self, body_len);
         self.add_prepared(&mut txn, job.ino, vec![(job.idx, prepared)])?;
-        let mut a = txn.attr(job.ino)?;
-        // Sealers may commit out of order across chunks; sizes only shrink through truncate,
-        // which waits for every queued job first.
-        a.size = a.size.max(job.size);
-        a.mtime = a.mtime.max(job.time);
-        a.ctime = a.ctime.max(job.time);
-        txn.put_attr(a);
+        job.apply_attr(&mut txn)?;
         txn.commit(&mut meta, false)
     }
 
@@ -375,12 +441,15 @@ impl Fs {
     pub(crate) fn seal_all(&self, ino: u64, file: &OpenFile) -> Result<()> {
         let mut st = file.state.write();
         // No new job can be queued while the state is locked; wait for the queued ones.
-        file.wait_sealed()?;
+        file.wait_sealed(self)?;
         if st.buffers.is_empty() && st.times_dirty.is_none() {
             return Ok(());
         }
         let all: Vec<u64> = st.buffers.keys().copied().collect();
-        self.seal(ino, file, &mut st, &all)
+        let before = st.buffers.len();
+        let r = self.seal(ino, file, &mut st, &all);
+        self.account(before, st.buffers.len());
+        r
     }
 
     /// Seals the given buffers and persists the file's size and times, in one batch.
@@ -404,7 +473,7 @@ impl Fs {
             .iter()
             .map(|(_, (_, b))| match b {
                 Body::Encoded(e) => e.len(),
-                Body::Raw(_) | Body::Remote(_) => 0,
+                Body::Raw(_) | Body::Remote(_) | Body::Written { .. } => 0,
             })
             .sum();
         let mut meta = self.lock_meta();
@@ -483,7 +552,20 @@ impl Fs {
 
     fn truncate_inner(&self, ino: u64, file: &OpenFile, size: u64) -> Result<()> {
         let mut st = file.state.write();
-        file.wait_sealed()?;
+        let before = st.buffers.len();
+        let r = self.truncate_state(ino, file, &mut st, size);
+        self.account(before, st.buffers.len());
+        r
+    }
+
+    fn truncate_state(
+        &self,
+        ino: u64,
+        file: &OpenFile,
+        st: &mut FileState,
+        size: u64,
+    ) -> Result<()> {
+        file.wait_sealed(self)?;
         let cs = self.chunk_size as u64;
         // Chunk indices at or past `keep` hold no byte below the new size.
         let keep = size.div_ceil(cs);
@@ -575,9 +657,11 @@ impl Fs {
         self.write_zeros(h, offset, first_full * cs)?;
         self.write_zeros(h, end_full * cs, end)?;
         let mut st = h.file.state.write();
-        h.file.wait_sealed()?;
+        h.file.wait_sealed(self)?;
+        let before = st.buffers.len();
         st.buffers
             .retain(|idx, _| *idx < first_full || *idx >= end_full);
+        self.account(before, st.buffers.len());
         let now = Time::now();
         let mut meta = self.lock_meta();
         let mut txn = Txn::new(self);
@@ -640,7 +724,7 @@ impl Fs {
 }
 
 /// Marks a seal job done: drops its chunk from `sealing`, records an error, wakes waiters.
-fn finish_job(job: &SealJob, r: Result<()>) {
+pub(crate) fn finish_job(job: &SealJob, r: Result<()>) {
     {
         let mut s = job.file.sealing.lock();
         if s.get(&job.idx).is_some_and(|d| Arc::ptr_eq(d, &job.data)) {

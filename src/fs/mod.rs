@@ -10,6 +10,7 @@
 mod cache;
 mod check;
 mod data;
+mod defer;
 mod install;
 mod ns;
 mod pending;
@@ -68,6 +69,10 @@ pub(crate) struct MetaState {
     pub counters: Counters,
     /// The last sequence number given to a replication queue entry (0: none yet).
     pub repl_seq: u64,
+    /// Chunks whose body was written without the WAL and whose commit is still parked
+    /// (`defer.rs`), with the number of parked jobs that wrote them. Garbage collection
+    /// leaves their free-queue markers and bodies alone.
+    pub unflushed: HashMap<ChunkId, usize>,
 }
 
 pub(crate) struct FileState {
@@ -84,9 +89,13 @@ pub(crate) struct OpenFile {
     /// Full chunks handed to the sealer and not yet committed, readable here until they are.
     /// A leaf lock: the sealer takes it without the file state lock.
     pub sealing: Mutex<BTreeMap<u64, Arc<Vec<u8>>>>,
-    /// Seal jobs of this file in the sealer's queue; `idle` is signalled when it drops to 0.
+    /// Seal jobs of this file in the sealer's queue or parked; `idle` is signalled when it
+    /// drops to 0, and when a job of this file is parked.
     pub inflight: Mutex<usize>,
     pub idle: Condvar,
+    /// Of `inflight`, the jobs parked for a group commit (`defer.rs`). Changed under
+    /// `inflight`'s lock.
+    pub parked: std::sync::atomic::AtomicUsize,
     /// The first error of an asynchronous seal, reported by the next write, flush or fsync.
     pub error: Mutex<Option<FsError>>,
     /// Handles open O_RDWR (through which the file may be mapped shared and writable).
@@ -104,16 +113,24 @@ impl OpenFile {
             sealing: Mutex::new(BTreeMap::new()),
             inflight: Mutex::new(0),
             idle: Condvar::new(),
+            parked: std::sync::atomic::AtomicUsize::new(0),
             error: Mutex::new(None),
             read_write: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// Waits until the sealer has committed every chunk queued for this file, then reports
-    /// a seal error.
-    pub fn wait_sealed(&self) -> Result<()> {
+    /// a seal error. Jobs of the file that are parked for a group commit are committed now
+    /// (with everything else parked).
+    pub fn wait_sealed(&self, fs: &Fs) -> Result<()> {
         let mut n = self.inflight.lock();
         while *n > 0 {
+            if self.parked.load(Ordering::Acquire) > 0 {
+                drop(n);
+                fs.commit_parked();
+                n = self.inflight.lock();
+                continue;
+            }
             self.idle.wait(&mut n);
         }
         drop(n);
@@ -175,6 +192,14 @@ pub struct Fs {
     cache: Arc<ChunkCache>,
     /// Queue of the background sealer (absent until `start_sealer`; sealing is then inline).
     sealer: std::sync::OnceLock<Vec<crossbeam_channel::Sender<data::SealJob>>>,
+    /// Seal jobs whose bodies were written without the WAL, waiting for one flush of the
+    /// chunk column family and then their metadata commit (`defer.rs`).
+    deferred: defer::Deferred,
+    /// Unsealed buffers over all open files, in chunks (each buffer holds up to one chunk),
+    /// and the budget in bytes (`mount --write-buffer`): a write that finds the budget used
+    /// up seals its own file's buffers inline (`data.rs`).
+    dirty_chunks: AtomicU64,
+    write_budget: AtomicU64,
     /// Serializes garbage-collection passes (each reference is dropped once).
     gc_lock: Mutex<()>,
     /// Background WAL syncs started by snapshots; joined before the engine can close.
@@ -226,6 +251,7 @@ fn load_state(eng: &Engine) -> Result<(u64, MetaState)> {
             next_ino,
             counters,
             repl_seq,
+            unflushed: HashMap::new(),
         },
     ))
 }
@@ -297,6 +323,9 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             cache,
             sealer: std::sync::OnceLock::new(),
+            deferred: defer::Deferred::default(),
+            dirty_chunks: AtomicU64::new(0),
+            write_budget: AtomicU64::new(data::DEFAULT_WRITE_BUDGET as u64),
             gc_lock: Mutex::new(()),
             background: Mutex::new(Vec::new()),
             pins,
@@ -325,6 +354,7 @@ impl Fs {
             next_ino: 0,
             counters: Counters::default(),
             repl_seq: 0,
+            unflushed: HashMap::new(),
         };
         Fs::assemble(
             self.eng.clone(),
@@ -530,6 +560,14 @@ impl Fs {
                 }
             }
         }
+        drop(meta);
+        if last {
+            // Buffers a failed seal left behind (its error was reported) leave the global
+            // count with the file. After `meta`: the file state lock comes first.
+            let mut st = file.state.write();
+            let left = std::mem::take(&mut st.buffers).len();
+            self.dirty_chunks.fetch_sub(left as u64, Ordering::AcqRel);
+        }
         sealed
     }
 
@@ -716,6 +754,10 @@ impl Fs {
             let mut meta = self.meta.lock();
             let mut txn = Txn::new(self);
             for id in batch {
+                // A body written ahead of its parked commit: its marker is its intent.
+                if meta.unflushed.contains_key(id) {
+                    continue;
+                }
                 if txn.free_if_unreferenced(id)? {
                     freed += 1;
                 }

@@ -17,10 +17,19 @@ pub struct WritePath {
     /// compression).
     pub sealing_bytes: u64,
     pub sealing_chunks: u64,
+    /// Of those, full chunks whose body is written (without the WAL) and whose commit waits
+    /// for the next group commit (one flush of the chunk store, `defer.rs`).
+    #[serde(default)]
+    pub parked_bytes: u64,
+    #[serde(default)]
+    pub parked_chunks: u64,
     /// Seal jobs waiting in the sealer queues (the sealers' queue depth).
     pub sealer_queue: u64,
     /// Sealer threads (0: sealing runs inline in the writer).
     pub sealers: u64,
+    /// The budget of unsealed buffers over all open files (`mount --write-buffer`).
+    #[serde(default)]
+    pub budget_bytes: u64,
 }
 
 impl Fs {
@@ -42,6 +51,8 @@ impl Fs {
             w.sealing_chunks += sealing.len() as u64;
             w.sealing_bytes += sealing.values().map(|b| b.len() as u64).sum::<u64>();
         }
+        (w.parked_chunks, w.parked_bytes) = self.parked();
+        w.budget_bytes = self.write_budget.load(std::sync::atomic::Ordering::Acquire);
         if let Some(senders) = self.sealer.get() {
             w.sealers = senders.len() as u64;
             w.sealer_queue = senders.iter().map(|s| s.len() as u64).sum();

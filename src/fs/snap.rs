@@ -158,7 +158,12 @@ impl Fs {
         // a sticky seal error is logged and skipped: its writer is told on its next write,
         // flush or fsync, and the snapshot holds what the store holds.
         let _ = self.seal_open_files_but(true);
+        // Commit what is parked (one flush) while writers still run; under the barrier only
+        // the chunks parked since then are committed, with their bodies in the WAL.
+        self.commit_parked();
         let barrier = self.barrier.write();
+        self.deferred.logged.store(true, Ordering::Release);
+        let logged = LoggedUntilDrop(self);
         let _ = self.seal_open_files();
         fail::fail_point!("snapshot-before-epoch-move");
         let meta = self.lock_meta();
@@ -197,6 +202,7 @@ impl Fs {
         }
         self.eng.write(b, durable)?;
         self.epoch.store(e + 1, Ordering::Release);
+        drop(logged);
         drop(meta);
         drop(barrier);
         if !durable {
@@ -562,5 +568,14 @@ fn apply_rollback(txn: &mut Txn<'_>, rec: &[u8], snap: Option<&[u8]>) -> Result<
     match snap {
         Some(v) => txn.put_rec(rec, v),
         None => txn.del_rec(rec),
+    }
+}
+
+/// Ends the logged group commits of a snapshot's barrier on every way out of it.
+struct LoggedUntilDrop<'a>(&'a Fs);
+
+impl Drop for LoggedUntilDrop<'_> {
+    fn drop(&mut self) {
+        self.0.deferred.logged.store(false, Ordering::Release);
     }
 }

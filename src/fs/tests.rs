@@ -424,3 +424,141 @@ fn write_path_counts_buffered_bytes() {
     fs.release(&h).unwrap();
     assert_eq!(fs.write_path().open_files, 0);
 }
+
+/// Bytes in the store's WAL files.
+fn wal_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("db"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn large_files_write_each_byte_once_and_survive_a_reopen() {
+    let t = tempfile::tempdir().unwrap();
+    let content = data(CS * 40 + 123, 7);
+    let ino;
+    {
+        let s = store(t.path());
+        let before = wal_bytes(t.path());
+        let a =
+            s.fs.mknod(ROOT_INO, b"big", libc::S_IFREG | 0o644, 0, ME)
+                .unwrap();
+        ino = a.ino;
+        let h = s.fs.open(ino, true).unwrap();
+        for (i, part) in content.chunks(100_000).enumerate() {
+            s.fs.write(&h, (i * 100_000) as u64, part).unwrap();
+        }
+        s.fs.fsync(&h).unwrap();
+        let logged = wal_bytes(t.path()).saturating_sub(before);
+        // The first DEFER_FROM_INDEX chunks and the partial last one go through the WAL;
+        // the other 36 full chunks do not.
+        let via_wal = (defer::DEFER_FROM_INDEX as usize + 1) * CS;
+        assert!(
+            logged < (via_wal + CS) as u64,
+            "{logged} bytes logged for {} bytes written",
+            content.len()
+        );
+        assert_eq!(s.fs.write_path().parked_chunks, 0);
+        assert_eq!(read_all(&s.fs, ino), content);
+        s.fs.release(&h).unwrap();
+        let r = s.fs.check(true).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.chunks, 41);
+        // No shutdown: the next open replays the WAL; the bodies are in blob files.
+    }
+    let s = store(t.path());
+    assert_eq!(read_all(&s.fs, ino), content);
+    let r = s.fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.chunks_verified, 41);
+}
+
+#[test]
+fn a_body_written_ahead_of_a_commit_that_never_came_is_garbage() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    let chunk = data(CS, 3);
+    let id = crate::storage::chunk::chunk_id(&chunk);
+    // A parked job holds the id: garbage collection leaves marker and body alone.
+    fs.lock_meta().unflushed.insert(id, 1);
+    fs.write_body_unlogged(&id, &chunk).unwrap();
+    fs.eng.flush_chunks().unwrap();
+    assert_eq!(fs.collect_garbage().unwrap(), 0);
+    assert!(fs.eng.exists(Cf::Chunks, &id).unwrap());
+    let r = fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.awaiting_gc, 1);
+    // The commit never comes (as after a crash): the body is freed with its marker.
+    fs.lock_meta().unflushed.remove(&id);
+    fs.collect_garbage().unwrap();
+    assert!(!fs.eng.exists(Cf::Chunks, &id).unwrap());
+    assert!(!fs.eng.exists(Cf::Meta, &keys::free_key(&id)).unwrap());
+    let r = fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.awaiting_gc, 0);
+}
+
+#[test]
+fn a_body_without_refcount_or_marker_is_still_a_leak() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let chunk = data(CS, 4);
+    let id = crate::storage::chunk::chunk_id(&chunk);
+    let mut b = crate::storage::engine::Batch::new();
+    s.fs.eng.put(
+        &mut b,
+        Cf::Chunks,
+        &id,
+        &crate::storage::chunk::encode(&chunk),
+    );
+    s.fs.eng.write(b, false).unwrap();
+    let r = s.fs.check(false).unwrap();
+    assert_eq!(r.problem_count, 1, "{:?}", r.problems);
+    assert!(r.problems[0].contains("leaked"), "{:?}", r.problems);
+}
+
+#[test]
+fn the_write_budget_bounds_unsealed_buffers_over_all_files() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let fs = &s.fs;
+    fs.set_write_budget(3 * CS);
+    let mut files = Vec::new();
+    for f in 0..3 {
+        let a = fs
+            .mknod(
+                ROOT_INO,
+                format!("f{f}").as_bytes(),
+                libc::S_IFREG | 0o644,
+                0,
+                ME,
+            )
+            .unwrap();
+        files.push((a.ino, fs.open(a.ino, true).unwrap()));
+    }
+    // Partial chunks in new regions of three files: none is full, so no sealer takes them.
+    let piece = data(1000, 9);
+    for i in 0..8u64 {
+        for (_, h) in &files {
+            fs.write(h, i * 2 * CS as u64 + 5, &piece).unwrap();
+            let w = fs.write_path();
+            assert!(w.buffered_chunks <= 3, "{w:?}");
+            assert!(w.buffered_bytes <= 3 * 1005, "{w:?}");
+        }
+    }
+    assert_eq!(fs.write_path().budget_bytes, 3 * CS as u64);
+    for (ino, h) in &files {
+        fs.release(h).unwrap();
+        let got = read_all(fs, *ino);
+        for i in 0..8usize {
+            let at = i * 2 * CS + 5;
+            assert_eq!(&got[at..at + 1000], &piece[..], "file {ino}, piece {i}");
+            assert!(got[at - 5..at].iter().all(|b| *b == 0));
+        }
+    }
+    assert_eq!(fs.dirty_chunks.load(Ordering::Acquire), 0);
+}

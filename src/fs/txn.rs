@@ -24,6 +24,15 @@ pub(crate) enum Body {
     /// No local body: the chunk (of this raw length) is served from the store's remote
     /// source (`ChunkCache::set_remote`: a snapshot mounted from a backend).
     Remote(u32),
+    /// Already in the chunk column family, written without the WAL at engine generation
+    /// `generation` with a free-queue marker logged before it, and made durable by a
+    /// `flush_chunks` that returned before this commit (`fs::defer`). If the engine was
+    /// reopened since, the body is written again from `raw`.
+    Written {
+        raw: std::sync::Arc<Vec<u8>>,
+        stored: u32,
+        generation: u64,
+    },
 }
 
 pub(crate) struct Txn<'a> {
@@ -239,6 +248,16 @@ impl<'a> Txn<'a> {
         let Some((count, raw, stored)) =
             self.fs.eng.get(Cf::Meta, &rk)?.and_then(|v| decode_ref(&v))
         else {
+            // A marker without a refcount is the intent of a body written ahead of a commit
+            // that never came (a crash between the two, `defer.rs`): the body, if it
+            // reached the disk, is garbage. The caller skips chunks still parked.
+            if self.fs.eng.exists(Cf::Chunks, id)? {
+                self.fs.eng.delete(&mut self.batch, Cf::Chunks, id);
+                log::info!(
+                    "freed chunk {}: written ahead of a commit that never happened",
+                    crate::storage::chunk::hex(id)
+                );
+            }
             return Ok(false);
         };
         if count > 0 || self.refs.contains_key(id) {
@@ -278,12 +297,12 @@ impl<'a> Txn<'a> {
             }
             let rk = keys::refcount_key(&id);
             let old = self.fs.eng.get(Cf::Meta, &rk)?.and_then(|v| decode_ref(&v));
+            // A body written ahead of this commit left a free-queue marker (its intent).
+            let marked = matches!(self.bodies.get(&id), Some(Body::Written { .. }));
             let (count, raw, stored) = match old {
                 Some(r) => r,
                 None if delta > 0 => {
-                    let enc = match self.bodies.remove(&id) {
-                        Some(Body::Encoded(e)) => e,
-                        Some(Body::Raw(r)) => crate::storage::chunk::encode(&r),
+                    let (raw, stored) = match self.bodies.remove(&id) {
                         Some(Body::Remote(raw)) => {
                             // Counted, never stored here, never queued (I2 does not hold
                             // in such a store; it is a cache, deleted at unmount).
@@ -301,10 +320,27 @@ impl<'a> Txn<'a> {
                             );
                             return Err(FsError::Io);
                         }
+                        Some(Body::Written {
+                            raw,
+                            stored,
+                            generation,
+                        }) if generation == self.fs.eng.generation() => (raw.len() as u32, stored),
+                        Some(body) => {
+                            let enc = match body {
+                                Body::Encoded(e) => e,
+                                // A Written body whose engine was reopened since (it may be
+                                // gone): written again, into this batch.
+                                Body::Raw(r) | Body::Written { raw: r, .. } => {
+                                    crate::storage::chunk::encode(&r)
+                                }
+                                Body::Remote(_) => unreachable!("handled above"),
+                            };
+                            let raw = u32::from_le_bytes(enc[2..6].try_into().expect("header"));
+                            let stored = enc.len() as u32;
+                            self.fs.eng.put(&mut self.batch, Cf::Chunks, &id, &enc);
+                            (raw, stored)
+                        }
                     };
-                    let raw = u32::from_le_bytes(enc[2..6].try_into().expect("header"));
-                    let stored = enc.len() as u32;
-                    self.fs.eng.put(&mut self.batch, Cf::Chunks, &id, &enc);
                     // Queued for every backend in the batch that seals it (docs/replication.md).
                     for &backend in replicas.iter() {
                         repl_seq += 1;
@@ -349,7 +385,7 @@ impl<'a> Txn<'a> {
             self.put_raw(&rk, &encode_ref(new, raw, stored));
             if new == 0 {
                 self.put_raw(&keys::free_key(&id), &[]);
-            } else if count == 0 && old.is_some() {
+            } else if (count == 0 && old.is_some()) || marked {
                 self.delete_raw(&keys::free_key(&id));
             }
             self.counters_dirty = true;

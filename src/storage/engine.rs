@@ -14,7 +14,7 @@
 //! scan may nest a get), `reopen` holds it exclusively.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use parking_lot::{RwLock, RwLockReadGuard};
 use rocksdb::{
@@ -64,6 +64,9 @@ pub struct Engine {
     low_space: AtomicBool,
     /// The store's free-space guard, whose reserve a deletion or a reopen may need.
     space: std::sync::OnceLock<std::sync::Arc<Space>>,
+    /// Incremented by every `reopen`: what was written without the WAL and not flushed
+    /// before a reopen is gone (`write_unlogged`).
+    generation: AtomicU64,
 }
 
 pub struct Batch {
@@ -251,6 +254,7 @@ impl Engine {
             health: AtomicU8::new(HEALTHY),
             low_space: AtomicBool::new(false),
             space: std::sync::OnceLock::new(),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -352,7 +356,14 @@ impl Engine {
             r => r,
         };
         *db = Some(opened?);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Counts reopens: a body written by `write_unlogged` at one generation is in the
+    /// database at a later one only if `flush_chunks` returned between the two.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Accepts writes again (after `reopen`, once the layer above has reloaded its state).
@@ -411,6 +422,18 @@ impl Engine {
     /// (ENOSPC, the engine stays healthy), so the space left is for metadata and deletions;
     /// when one of those fails for want of space, the reserve is released for its retry.
     pub fn write(&self, b: Batch, sync: bool) -> Result<()> {
+        self.write_with(b, sync, false)
+    }
+
+    /// Applies a batch of chunk bodies without writing it to the WAL: the bytes reach the
+    /// disk once, in the blob file of the next flush of the chunk column family. A crash
+    /// before `flush_chunks` returns loses them (and `reopen` does too: `generation`), so
+    /// nothing may reference them until it has (the deferred commit, `fs::defer`).
+    pub fn write_unlogged(&self, b: Batch) -> Result<()> {
+        self.write_with(b, false, true)
+    }
+
+    fn write_with(&self, b: Batch, sync: bool, no_wal: bool) -> Result<()> {
         self.check_writable()?;
         if let Some(e) = b.broken {
             return Err(e);
@@ -433,6 +456,7 @@ impl Engine {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
+        wo.disable_wal(no_wal);
         let r = self.reader()?;
         let grows = b.grows;
         r.db().write_opt(b.wb, &wo).map_err(|e| {
@@ -455,6 +479,19 @@ impl Engine {
         }
         let r = self.reader()?;
         r.db().flush_wal(true).map_err(|e| self.failed(e))
+    }
+
+    /// Flushes the chunk column family's memtables to blob and SST files and waits until the
+    /// flush is installed: every body written before it, with or without the WAL, is then on
+    /// stable storage (RocksDB syncs the files and the MANIFEST; with more than one column
+    /// family it also syncs the WAL files the flush closes, so every record logged before a
+    /// body is as durable as the body).
+    pub fn flush_chunks(&self) -> Result<()> {
+        self.check_writable()?;
+        let r = self.reader()?;
+        r.db()
+            .flush_cf(r.cf(Cf::Chunks))
+            .map_err(|e| self.failed(e))
     }
 
     /// Flushes memtables to SST and blob files, so a clean shutdown leaves an empty WAL.
