@@ -369,6 +369,7 @@ impl Fs {
         if self.sealer.set(queues).is_err() {
             return;
         }
+        self.start_committer();
         for (i, rx) in receivers.into_iter().enumerate() {
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()

@@ -54,8 +54,10 @@ use super::{Fs, Txn};
 /// Chunks of a file below this index are committed with their body in the batch, as
 /// before: small files (most of a dataset's) never wait for a flush at close(2).
 pub(crate) const DEFER_FROM_INDEX: u64 = 4;
-/// Parked bytes (uncompressed) that start a group commit.
+/// Parked bytes (uncompressed) that start a group commit on the committer thread.
 pub(crate) const DEFER_BYTES: usize = 64 << 20;
+/// Parked bytes at which a sealer commits itself, holding its writers back.
+pub(crate) const BACKPRESSURE_BYTES: usize = 4 * DEFER_BYTES;
 /// A sealer that had no job for this long commits what is parked.
 pub(crate) const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -73,6 +75,9 @@ pub(crate) struct Deferred {
     /// Parked jobs in the order they were parked (two jobs of one chunk park in the order
     /// they were queued: one sealer thread handles both).
     jobs: Mutex<Vec<Parked>>,
+    /// Wakes the committer thread when `DEFER_BYTES` are parked. Shared with that thread,
+    /// which waits on it without holding the filesystem (whose drop closes the engine).
+    wake: std::sync::Arc<(Mutex<()>, parking_lot::Condvar)>,
     /// Uncompressed bytes of the parked jobs.
     bytes: AtomicUsize,
     /// Serializes group commits, so they commit in the order their jobs parked.
@@ -123,10 +128,46 @@ impl Fs {
             file.parked.fetch_add(1, Ordering::AcqRel);
             file.idle.notify_all();
         }
-        if self.deferred.bytes.fetch_add(n, Ordering::AcqRel) + n >= DEFER_BYTES {
+        let parked = self.deferred.bytes.fetch_add(n, Ordering::AcqRel) + n;
+        if parked >= BACKPRESSURE_BYTES {
+            // The committer is behind (a slow disk): this sealer commits, and its writers wait.
             return self.take_and_commit();
         }
+        if parked >= DEFER_BYTES {
+            self.deferred.wake.1.notify_one();
+        }
         Vec::new()
+    }
+
+    /// Starts the committer thread: it runs a group commit when `DEFER_BYTES` are parked, and
+    /// every `IDLE_COMMIT` if anything is, so the sealers go on hashing and writing ahead
+    /// while a flush is synced. It ends when the filesystem is dropped.
+    pub(crate) fn start_committer(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let wake = self.deferred.wake.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapfs-commit".into())
+            .spawn(move || loop {
+                {
+                    // A wake-up lost between the check and the wait costs one IDLE_COMMIT.
+                    let mut g = wake.0.lock();
+                    wake.1.wait_for(&mut g, IDLE_COMMIT);
+                }
+                let Some(fs) = weak.upgrade() else { return };
+                if fs.deferred.bytes.load(Ordering::Acquire) == 0 {
+                    continue;
+                }
+                let done = fs.take_and_commit();
+                // The strong reference ends before the jobs are marked done (as in the
+                // sealers): a waiter may drop the last one and close the engine.
+                drop(fs);
+                for (job, r) in done {
+                    super::data::finish_job(&job, r);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the group-commit thread: {e}; sealers commit instead");
+        }
     }
 
     /// Hashes the chunk and, if the store lacks it, writes its body without the WAL.
