@@ -119,6 +119,12 @@ pub fn render(ctx: &Ctx) -> String {
         &[(String::new(), w.parked_bytes as f64)],
     );
     metric(
+        "write_compress_queue_bytes",
+        "Raw bytes of chunks stored uncompressed, waiting for compression behind the writer.",
+        "gauge",
+        &[(String::new(), w.compress_queue_bytes as f64)],
+    );
+    metric(
         "write_sealer_queue",
         "Seal jobs waiting in the sealer queues.",
         "gauge",

@@ -161,7 +161,8 @@ impl StoreStat {
              compression ratio: {:.2}x\n\
              space:             {} ({} free of {}, floor {}, reserve {})\n\
              write path:        {} buffered in {} chunks (budget {}), {} in {} chunks at the sealers \
-             ({} of them written, waiting for a group commit; queue {}, {} sealers), {} open files\n",
+             ({} of them written, waiting for a group commit; queue {}, {} sealers), {} open files, \
+             {} stored raw waiting for compression in {} chunks\n",
             self.store,
             self.format_version,
             human(self.chunk_size),
@@ -202,6 +203,8 @@ impl StoreStat {
             self.write_path.sealer_queue,
             self.write_path.sealers,
             self.write_path.open_files,
+            human(self.write_path.compress_queue_bytes),
+            self.write_path.compress_queue_chunks,
         )
     }
 }

@@ -370,6 +370,7 @@ impl Fs {
             return;
         }
         self.start_committer();
+        self.start_compressor();
         for (i, rx) in receivers.into_iter().enumerate() {
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()

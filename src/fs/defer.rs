@@ -86,6 +86,29 @@ pub(crate) struct Deferred {
     /// since the snapshot's own group commit into their batches (the WAL) instead of waiting
     /// for a flush, which would hold every writer back for its fsyncs.
     pub(crate) logged: std::sync::atomic::AtomicBool,
+    /// Chunks stored raw and queued for compression behind the writer (`compress.rs`), and
+    /// their raw bytes: counted at the commit that queues them, recounted from the queue
+    /// when the compressor starts.
+    pub(crate) later_chunks: std::sync::atomic::AtomicU64,
+    pub(crate) later_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Deferred {
+    pub(crate) fn queued_for_compression(&self, (chunks, bytes): (u64, u64)) {
+        self.later_chunks.fetch_add(chunks, Ordering::AcqRel);
+        self.later_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// One queued chunk of `raw` bytes left the compression queue.
+    pub(crate) fn compressed(&self, raw: u32) {
+        let sub = |n: u64| move |v: u64| Some(v.saturating_sub(n));
+        let _ = self
+            .later_chunks
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, sub(1));
+        let _ = self
+            .later_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, sub(raw as u64));
+    }
 }
 
 /// Jobs done by a group commit, to be finished (`data::finish_job`) by the caller.
@@ -191,12 +214,13 @@ impl Fs {
         // Read before the write: a reopen after this point makes the commit write it again.
         let generation = self.eng.generation();
         match self.write_body_unlogged(&id, &job.data) {
-            Ok(stored) => Ok((
+            Ok((stored, later)) => Ok((
                 entry,
                 Body::Written {
                     raw: job.data.clone(),
                     stored,
                     generation,
+                    later,
                 },
                 true,
             )),
@@ -208,9 +232,20 @@ impl Fs {
     }
 
     /// The intent (a logged free-queue marker), then the body without the WAL. Returns the
-    /// stored length.
-    pub(super) fn write_body_unlogged(&self, id: &keys::ChunkId, raw: &[u8]) -> Result<u32> {
-        let enc = chunk::encode(raw);
+    /// stored length, and whether the body was stored raw to be compressed behind the
+    /// writer: only a chunk that compresses to half or less is compressed here.
+    pub(super) fn write_body_unlogged(
+        &self,
+        id: &keys::ChunkId,
+        raw: &[u8],
+    ) -> Result<(u32, bool)> {
+        let plan = chunk::plan_compression(raw);
+        let compressed = match plan {
+            chunk::Compression::Now => chunk::compress(raw),
+            chunk::Compression::Later | chunk::Compression::Never => None,
+        };
+        let later = plan == chunk::Compression::Later;
+        let enc = compressed.unwrap_or_else(|| chunk::encode_raw(raw));
         let mut intent = Batch::new();
         self.eng
             .put(&mut intent, Cf::Meta, &keys::free_key(id), &[]);
@@ -218,7 +253,7 @@ impl Fs {
         let mut body = Batch::with_capacity(enc.len() + 128);
         self.eng.put(&mut body, Cf::Chunks, id, &enc);
         self.eng.write_unlogged(body)?;
-        Ok(enc.len() as u32)
+        Ok((enc.len() as u32, later))
     }
 
     /// Commits every parked job and finishes it.

@@ -9,6 +9,7 @@
 
 mod cache;
 mod check;
+mod compress;
 mod data;
 mod defer;
 mod install;

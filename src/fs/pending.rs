@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::Ordering;
+
 use super::Fs;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,9 +14,8 @@ pub struct WritePath {
     /// Bytes in unsealed per-chunk buffers: acknowledged writes that no seal job holds yet.
     pub buffered_bytes: u64,
     pub buffered_chunks: u64,
-    /// Full chunks handed to the sealers and not yet committed: they wait to be hashed and
-    /// compressed (today compression runs in the sealer, so these are the bytes waiting for
-    /// compression).
+    /// Full chunks handed to the sealers and not yet committed: they wait to be hashed,
+    /// written and committed.
     pub sealing_bytes: u64,
     pub sealing_chunks: u64,
     /// Of those, full chunks whose body is written (without the WAL) and whose commit waits
@@ -30,6 +31,12 @@ pub struct WritePath {
     /// The budget of unsealed buffers over all open files (`mount --write-buffer`).
     #[serde(default)]
     pub budget_bytes: u64,
+    /// Chunks stored raw and queued for compression behind the writer (`fs/compress.rs`),
+    /// and their raw bytes: the bytes waiting for compression.
+    #[serde(default)]
+    pub compress_queue_chunks: u64,
+    #[serde(default)]
+    pub compress_queue_bytes: u64,
 }
 
 impl Fs {
@@ -53,6 +60,8 @@ impl Fs {
         }
         (w.parked_chunks, w.parked_bytes) = self.parked();
         w.budget_bytes = self.write_budget.load(std::sync::atomic::Ordering::Acquire);
+        w.compress_queue_chunks = self.deferred.later_chunks.load(Ordering::Acquire);
+        w.compress_queue_bytes = self.deferred.later_bytes.load(Ordering::Acquire);
         if let Some(senders) = self.sealer.get() {
             w.sealers = senders.len() as u64;
             w.sealer_queue = senders.iter().map(|s| s.len() as u64).sum();

@@ -562,3 +562,99 @@ fn the_write_budget_bounds_unsealed_buffers_over_all_files() {
     }
     assert_eq!(fs.dirty_chunks.load(Ordering::Acquire), 0);
 }
+
+/// Bytes that zstd compresses by about a third: every other byte is zero. Such chunks are
+/// stored raw on the deferred path and compressed behind the writer.
+fn half_zero(n: usize, seed: u64) -> Vec<u8> {
+    let mut d = data(n, seed);
+    d.iter_mut().step_by(2).for_each(|b| *b = 0);
+    d
+}
+
+fn compress_all(fs: &Fs) {
+    let mut from = vec![keys::P_COMPRESS];
+    while let Some(next) = fs.compress_queued(&from, 3).unwrap() {
+        from = next;
+    }
+}
+
+#[test]
+fn chunks_stored_raw_are_compressed_behind_the_writer() {
+    let t = tempfile::tempdir().unwrap();
+    let content = half_zero(CS * 20 + 7, 5);
+    let ino;
+    {
+        let s = store(t.path());
+        ino = write_file(&s.fs, ROOT_INO, "ckpt", &content);
+        // Chunks 4..20 took the deferred path: stored raw, queued in their commits.
+        let w = s.fs.write_path();
+        assert_eq!(w.compress_queue_chunks, 16);
+        assert_eq!(w.compress_queue_bytes, 16 * CS as u64);
+        let before = s.fs.lock_meta().counters.stored_bytes;
+        assert!(before > 16 * CS as u64, "{before}");
+        let r = s.fs.check(true).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        compress_all(&s.fs);
+        let w = s.fs.write_path();
+        assert_eq!((w.compress_queue_chunks, w.compress_queue_bytes), (0, 0));
+        let after = s.fs.lock_meta().counters.stored_bytes;
+        // Each of the 16 chunks saved about a third.
+        assert!(
+            after + 16 * CS as u64 / 4 < before,
+            "stored {before} -> {after}"
+        );
+        assert_eq!(read_all(&s.fs, ino), content);
+        let r = s.fs.check(true).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.chunks_verified, 21);
+    }
+    // After a reopen (WAL replay): compressed bodies, an empty queue, a clean check.
+    let s = store(t.path());
+    assert_eq!(s.fs.write_path().compress_queue_chunks, 0);
+    assert_eq!(read_all(&s.fs, ino), content);
+    let r = s.fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}
+
+#[test]
+fn a_queued_chunk_freed_before_its_compression_is_not_brought_back() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let content = half_zero(CS * 6, 9);
+    write_file(&s.fs, ROOT_INO, "tmp", &content);
+    let id = crate::storage::chunk::chunk_id(&content[4 * CS..5 * CS]);
+    assert!(s.fs.eng.exists(Cf::Meta, &keys::compress_key(&id)).unwrap());
+    s.fs.unlink(ROOT_INO, b"tmp").unwrap();
+    s.fs.collect_garbage().unwrap();
+    assert!(!s.fs.eng.exists(Cf::Chunks, &id).unwrap());
+    compress_all(&s.fs);
+    assert!(!s.fs.eng.exists(Cf::Chunks, &id).unwrap());
+    assert!(!s.fs.eng.exists(Cf::Meta, &keys::compress_key(&id)).unwrap());
+    assert_eq!(s.fs.write_path().compress_queue_chunks, 0);
+    let r = s.fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.chunks, 0);
+}
+
+#[test]
+fn the_replicator_compresses_a_queued_chunk_before_its_upload() {
+    let t = tempfile::tempdir().unwrap();
+    let s = store(t.path());
+    let content = half_zero(CS * 6, 13);
+    let ino = write_file(&s.fs, ROOT_INO, "f", &content);
+    let raw = &content[5 * CS..];
+    let id = crate::storage::chunk::chunk_id(raw);
+    assert_eq!(s.fs.write_path().compress_queue_chunks, 2);
+    let enc =
+        s.fs.compress_before_upload(&id)
+            .expect("compressed for the upload");
+    assert!(enc.len() < CS * 3 / 4, "{}", enc.len());
+    assert_eq!(crate::storage::chunk::decode(&id, &enc).unwrap(), raw);
+    // The local body is the compressed one now, and the chunk left the queue.
+    assert_eq!(s.fs.eng.get(Cf::Chunks, &id).unwrap().unwrap(), enc);
+    assert_eq!(s.fs.write_path().compress_queue_chunks, 1);
+    assert_eq!(s.fs.compress_before_upload(&id), None);
+    assert_eq!(read_all(&s.fs, ino), content);
+    let r = s.fs.check(true).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}

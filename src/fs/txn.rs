@@ -27,11 +27,13 @@ pub(crate) enum Body {
     /// Already in the chunk column family, written without the WAL at engine generation
     /// `generation` with a free-queue marker logged before it, and made durable by a
     /// `flush_chunks` that returned before this commit (`fs::defer`). If the engine was
-    /// reopened since, the body is written again from `raw`.
+    /// reopened since, the body is written again from `raw`. `later`: it was stored raw,
+    /// and the commit queues it for compression behind the writer (`fs::compress`).
     Written {
         raw: std::sync::Arc<Vec<u8>>,
         stored: u32,
         generation: u64,
+        later: bool,
     },
 }
 
@@ -46,6 +48,8 @@ pub(crate) struct Txn<'a> {
     touched_maps: BTreeSet<(u64, u64)>,
     /// Chunks freed by this txn: count, raw bytes, stored bytes.
     freed: (u64, u64, u64),
+    /// Chunks this txn queues for compression behind the writer: count, raw bytes.
+    later: (u64, u64),
 }
 
 /// Refcount value: count, raw length, stored length.
@@ -59,7 +63,7 @@ pub(crate) fn decode_ref(v: &[u8]) -> Option<(u64, u32, u32)> {
     })
 }
 
-fn encode_ref(count: u64, raw: u32, stored: u32) -> Vec<u8> {
+pub(crate) fn encode_ref(count: u64, raw: u32, stored: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
     v.extend_from_slice(&count.to_le_bytes());
     v.extend_from_slice(&raw.to_le_bytes());
@@ -88,6 +92,7 @@ impl<'a> Txn<'a> {
             counters_dirty: false,
             touched_maps: BTreeSet::new(),
             freed: (0, 0, 0),
+            later: (0, 0),
         }
     }
 
@@ -324,7 +329,16 @@ impl<'a> Txn<'a> {
                             raw,
                             stored,
                             generation,
-                        }) if generation == self.fs.eng.generation() => (raw.len() as u32, stored),
+                            later,
+                        }) if generation == self.fs.eng.generation() => {
+                            let raw = raw.len() as u32;
+                            if later {
+                                self.put_raw(&keys::compress_key(&id), &raw.to_le_bytes());
+                                self.later.0 += 1;
+                                self.later.1 += raw as u64;
+                            }
+                            (raw, stored)
+                        }
                         Some(body) => {
                             let enc = match body {
                                 Body::Encoded(e) => e,
@@ -400,6 +414,9 @@ impl<'a> Txn<'a> {
             self.put_counter("referenced_bytes", counters.referenced_bytes);
         }
         self.fs.eng.write(self.batch, sync)?;
+        if self.later.0 > 0 {
+            self.fs.deferred.queued_for_compression(self.later);
+        }
         meta.counters = counters;
         meta.repl_seq = repl_seq;
         Ok(())

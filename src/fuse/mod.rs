@@ -241,7 +241,14 @@ fn wants_write(flags: OpenFlags) -> bool {
 
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if let Err(max) = config.set_max_write(MAX_WRITE) {
+        // SNAPFS_MAX_WRITE=BYTES: a smaller request size, for the kernel-option measurements
+        // of docs/benchmarks.md only.
+        let max_write = std::env::var("SNAPFS_MAX_WRITE")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&v| (4096..=MAX_WRITE).contains(&v))
+            .unwrap_or(MAX_WRITE);
+        if let Err(max) = config.set_max_write(max_write) {
             let _ = config.set_max_write(max);
         }
         let _ = config.set_max_readahead(MAX_WRITE);

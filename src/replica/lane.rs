@@ -351,9 +351,13 @@ impl Lane {
         }
         // Read, verified and wrapped in place: one copy of the body, out of RocksDB's buffer
         // into the object (a raw chunk is hashed where it lies).
-        let read = self.fs.eng.with_value(Cf::Chunks, &e.id, |stored| {
-            crate::storage::chunk::verify(&e.id, stored).map(|_| format::chunk_object(stored))
-        });
+        let read = match self.fs.compress_before_upload(&e.id) {
+            // Verified before it was compressed, and compressed from the verified bytes.
+            Some(enc) => Ok(Some(Ok(format::chunk_object(&enc)))),
+            None => self.fs.eng.with_value(Cf::Chunks, &e.id, |stored| {
+                crate::storage::chunk::verify(&e.id, stored).map(|_| format::chunk_object(stored))
+            }),
+        };
         let obj = match read {
             Ok(Some(Ok(obj))) => obj,
             Ok(Some(Err(_))) => {

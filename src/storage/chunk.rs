@@ -22,25 +22,62 @@ pub fn chunk_id(data: &[u8]) -> ChunkId {
     *blake3::hash(data).as_bytes()
 }
 
+/// What to do with a chunk's compression, judged from a trial on its first `SAMPLE_LEN` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Compress it now: it compresses to half or less (zeros, repeated tensors), which zstd
+    /// does fast and which halves what is written.
+    Now,
+    /// Store it raw now and compress it behind the writer (`fs/compress.rs`): it would save
+    /// something, but not enough to pay for zstd on the path to fsync.
+    Later,
+    /// Do not compress it: it would not save a sixteenth (random data, compressed tensors).
+    Never,
+}
+
+/// Compresses a sample of the chunk and judges it.
+pub fn plan_compression(data: &[u8]) -> Compression {
+    let n = data.len().min(SAMPLE_LEN);
+    if n == 0 {
+        return Compression::Never;
+    }
+    match zstd::bulk::compress(&data[..n], ZSTD_LEVEL) {
+        Ok(c) if c.len() <= n / 2 => Compression::Now,
+        Ok(c) if c.len() < n * 15 / 16 => Compression::Later,
+        _ => Compression::Never,
+    }
+}
+
 /// Encodes a chunk for storage, compressing it unless that does not pay.
 pub fn encode(data: &[u8]) -> Vec<u8> {
-    let raw_len = data.len() as u32;
-    let worth_trying = if data.len() > SAMPLE_LEN * 2 {
-        match zstd::bulk::compress(&data[..SAMPLE_LEN], ZSTD_LEVEL) {
-            Ok(c) => c.len() < SAMPLE_LEN * 15 / 16,
-            Err(_) => false,
-        }
-    } else {
-        true
-    };
+    let worth_trying = data.len() <= SAMPLE_LEN * 2 || plan_compression(data) != Compression::Never;
     if worth_trying {
-        if let Ok(c) = zstd::bulk::compress(data, ZSTD_LEVEL) {
-            if c.len() < data.len() * 15 / 16 {
-                return with_header(CODEC_ZSTD, raw_len, &c);
-            }
+        if let Some(c) = compress(data) {
+            return c;
         }
     }
-    with_header(CODEC_RAW, raw_len, data)
+    encode_raw(data)
+}
+
+/// Encodes a chunk uncompressed.
+pub fn encode_raw(data: &[u8]) -> Vec<u8> {
+    with_header(CODEC_RAW, data.len() as u32, data)
+}
+
+/// Encodes a chunk compressed, or None if compression does not save a sixteenth.
+pub fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    let c = zstd::bulk::compress(data, ZSTD_LEVEL).ok()?;
+    (c.len() < data.len() * 15 / 16).then(|| with_header(CODEC_ZSTD, data.len() as u32, &c))
+}
+
+/// The raw payload of a stored chunk that is uncompressed, or None.
+pub fn raw_payload(stored: &[u8]) -> Option<&[u8]> {
+    if stored.len() < HEADER_LEN || stored[0] != CHUNK_FORMAT_VERSION || stored[1] != CODEC_RAW {
+        return None;
+    }
+    let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
+    let payload = &stored[HEADER_LEN..];
+    (payload.len() == raw_len).then_some(payload)
 }
 
 fn with_header(codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
@@ -182,6 +219,28 @@ mod tests {
                 assert_eq!(decode(&id, &bad), Err(FsError::Corrupt), "pos {pos}");
             }
         }
+    }
+
+    #[test]
+    fn compression_is_planned_from_a_sample() {
+        assert_eq!(plan_compression(&vec![0u8; 1 << 20]), Compression::Now);
+        assert_eq!(
+            plan_compression(&pseudo_random(1 << 20, 9)),
+            Compression::Never
+        );
+        // Bytes of which every other one is random: zstd saves about a third, not half.
+        let mut half = pseudo_random(1 << 20, 11);
+        for b in half.iter_mut().step_by(2) {
+            *b = 0;
+        }
+        let plan = plan_compression(&half);
+        assert_eq!(plan, Compression::Later, "{plan:?}");
+        let c = compress(&half).expect("it compresses");
+        assert!(c.len() < half.len() * 15 / 16);
+        assert_eq!(decode(&chunk_id(&half), &c).unwrap(), half);
+        let raw = encode_raw(&half);
+        assert_eq!(raw_payload(&raw), Some(&half[..]));
+        assert_eq!(raw_payload(&c), None);
     }
 
     #[test]

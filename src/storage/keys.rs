@@ -11,6 +11,7 @@
 //! | `0x20` | `20 chunk_id:[u8;32]`                        | refcount u64, raw u32, stored u32 (LE) |
 //! | `0x21` | `21 ino:u64be`                               | orphan marker (empty)         |
 //! | `0x22` | `22 chunk_id:[u8;32]`                        | free-queue marker (empty)     |
+//! | `0x23` | `23 chunk_id:[u8;32]`                        | stored raw, to compress behind the writer: raw u32 LE |
 //! | `0x30` | `30 name`                                    | snapshot record               |
 //! | `0x40` | `40 backend:u32be seq:u64be`                 | replication queue entry (`QueueEntry`) |
 //! | `0x41` | `41 backend:u32be name`                      | a snapshot's replication state (`replica::state`) |
@@ -37,6 +38,7 @@ pub const P_XATTR: u8 = 0x13;
 pub const P_REFCOUNT: u8 = 0x20;
 pub const P_ORPHAN: u8 = 0x21;
 pub const P_FREE: u8 = 0x22;
+pub const P_COMPRESS: u8 = 0x23;
 pub const P_SNAPSHOT: u8 = 0x30;
 pub const P_REPL_QUEUE: u8 = 0x40;
 pub const P_REPL_SNAP: u8 = 0x41;
@@ -141,6 +143,13 @@ pub fn orphan_key(ino: u64) -> Vec<u8> {
 pub fn free_key(id: &ChunkId) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
     k.push(P_FREE);
+    k.extend_from_slice(id);
+    k
+}
+
+pub fn compress_key(id: &ChunkId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(P_COMPRESS);
     k.extend_from_slice(id);
     k
 }
