@@ -136,10 +136,15 @@ impl Fs {
             Err(e) => return vec![(job, Err(e))],
         };
         let n = job.data.len();
-        {
-            // The list, then the file's count: `take_parked` takes them in the same order,
+        let parked = {
+            // The list, then the file's count: `take_and_commit` takes them in the same order,
             // so a job is never taken before it is counted.
             let mut jobs = self.deferred.jobs.lock();
+            // Counted before the list lock is released: a group commit that takes this job
+            // subtracts its bytes after this (counted outside the lock, a commit on another
+            // thread could subtract first; the counter wrapped and the add below overflowed:
+            // a sealer panicked and its queued jobs were never finished).
+            let parked = self.deferred.bytes.fetch_add(n, Ordering::AcqRel) + n;
             let file = job.file.clone();
             jobs.push(Parked {
                 job,
@@ -150,8 +155,8 @@ impl Fs {
             let _n = file.inflight.lock();
             file.parked.fetch_add(1, Ordering::AcqRel);
             file.idle.notify_all();
-        }
-        let parked = self.deferred.bytes.fetch_add(n, Ordering::AcqRel) + n;
+            parked
+        };
         if parked >= BACKPRESSURE_BYTES {
             // The committer is behind (a slow disk): this sealer commits, and its writers wait.
             return self.take_and_commit();
