@@ -146,6 +146,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read and verify every local chunk and every object on every backend (each copy:
+    /// mirror member, ec shard); with --repair, rewrite bad copies from good ones. Exit
+    /// status 1 if anything is left bad (without --repair: if anything is bad).
+    Scrub {
+        target: PathBuf,
+        /// Only this backend (local chunks are not read).
+        #[arg(long)]
+        backend: Option<String>,
+        #[arg(long)]
+        repair: bool,
+        /// Read at most this fast, e.g. 100MiB/s.
+        #[arg(long, value_parser = repl::parse_rate)]
+        limit: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Unmount a snapfs mountpoint; the daemon seals, flushes and exits.
     Umount {
         mountpoint: PathBuf,
@@ -257,8 +273,17 @@ enum SnapCmd {
 
 /// Runs a request on the daemon that holds the store, or on the store itself if none does.
 fn run(target: &Path, req: Request) -> Result<Response, String> {
+    run_with(target, req, &mut |p| eprintln!("{p}"))
+}
+
+/// [`run`], progress lines going to `progress`.
+fn run_with(
+    target: &Path,
+    req: Request,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Response, String> {
     let dir = report::resolve_target(target)?;
-    if let Some(r) = control::call(&dir, &req, &mut |p| eprintln!("{p}"))? {
+    if let Some(r) = control::call(&dir, &req, progress)? {
         return Ok(r);
     }
     let store = Store::open(&dir, false, None)?;
@@ -272,7 +297,7 @@ fn run(target: &Path, req: Request) -> Result<Response, String> {
         snap_mounts: Default::default(),
     };
     let resp = ops::handle(&ctx, req, &mut |p| {
-        eprintln!("{p}");
+        progress(&p);
         true
     });
     store
@@ -557,11 +582,22 @@ fn main() -> ExitCode {
                 (None, None) => return Err("mount needs STORE and MOUNTPOINT".into()),
             };
             let from = match from {
-                Some(spec) => Some(repl::resolve("from", &spec, &spec_opts, None)?),
+                Some(spec) => Some(repl::resolve_from(&spec, &spec_opts)?),
                 None => None,
             };
             let replicate = match replicate {
-                Some(spec) => Some(repl::resolve(&replicate_name, &spec, &spec_opts, limit)?),
+                Some(spec) => {
+                    let mut cfg = repl::resolve(&replicate_name, &spec, &spec_opts, limit)?;
+                    // A backend the store already has keeps its configuration (and key).
+                    let known = snapfs::replica::backend::config::load_all(&store)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.spec == cfg.spec);
+                    if !known {
+                        cli::crypt::prepare(&mut cfg, &spec_opts, true)?;
+                    }
+                    Some(cfg)
+                }
                 None => None,
             };
             daemon::run_mount(&MountArgs {
@@ -591,6 +627,13 @@ fn main() -> ExitCode {
             spec_opts,
             json,
         } => repl::recover(&from, &spec_opts, &new_store, snapshot.as_deref(), json),
+        Cmd::Scrub {
+            target,
+            backend,
+            repair,
+            limit,
+            json,
+        } => repl::scrub(&target, backend, repair, limit, json),
         Cmd::Umount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Stat { target, json } => stat(&target, json),
         Cmd::Check {

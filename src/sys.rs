@@ -446,3 +446,40 @@ pub fn unlinkat(dir: &File, name: &std::ffi::OsStr) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Asks for a secret on the controlling terminal (`/dev/tty`) with echo off, and reads one
+/// line (without its newline). Errors if there is no terminal.
+pub fn read_secret(prompt: &str) -> io::Result<String> {
+    use std::io::{BufRead, Write};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid descriptor.
+    let mut old: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is an open terminal descriptor, &mut old is valid for writes.
+    if unsafe { libc::tcgetattr(fd, &mut old) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut quiet = old;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    // SAFETY: as above; the settings are restored below on every path.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut w = &tty;
+    let mut line = String::new();
+    let r = w
+        .write_all(prompt.as_bytes())
+        .and_then(|()| w.flush())
+        .and_then(|()| io::BufReader::new(&tty).read_line(&mut line));
+    // SAFETY: restores the settings read above on the same descriptor.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &old) };
+    r?;
+    while line.ends_with('\n') || line.ends_with('\r') {
+        line.pop();
+    }
+    Ok(line)
+}

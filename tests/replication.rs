@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, cli, Mount};
+use common::{bin, cli, seeded_bytes as bytes, Mount};
 use snapfs::replica::backend::config::{new_config, open};
 use snapfs::replica::backend::Backend;
 
@@ -173,20 +173,6 @@ fn snapshot_and_wait(mnt: &Path, name: &str) {
     let m = mnt.to_str().unwrap();
     ok(&["snapshot", "create", m, name]);
     ok(&["snapshot", "wait", m, name, "--timeout", "180s"]);
-}
-
-/// Fast deterministic bytes, different for every seed and offset (no dedup).
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn set_xattr(p: &Path, name: &str, value: &[u8]) {
@@ -561,18 +547,7 @@ fn corrupt_chunk_is_not_uploaded() {
     ok(&["snapshot", "create", mnt.to_str().unwrap(), "s1"]);
     m.stop();
     let needle = &data[(2 << 20) + 1000..(2 << 20) + 1064];
-    let mut hit = false;
-    for e in fs::read_dir(store.join("db")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "blob") {
-            let mut b = fs::read(&p).unwrap();
-            if let Some(i) = b.windows(needle.len()).position(|w| w == needle) {
-                b[i + 10] ^= 0x01;
-                fs::write(&p, &b).unwrap();
-                hit = true;
-            }
-        }
-    }
+    let hit = common::corrupt_blob(&store, needle);
     assert!(hit, "the chunk's bytes were not found in any blob file");
     fs::rename(&away, &root).unwrap();
     let m = Mount::start(&store, &mnt);

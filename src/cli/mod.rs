@@ -1,3 +1,4 @@
 //! Command groups of the CLI that have a module of their own (`main.rs` has the rest).
 
+pub mod crypt;
 pub mod replica;

@@ -1,5 +1,5 @@
 //! The replication commands of the CLI: `backend add|list|remove`, `status`, `snapshot wait`,
-//! `snapshot list --from`, `recover`.
+//! `snapshot list --from`, `recover`, `scrub`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use snapfs::replica::backend::config::{self, BackendConfig};
 use snapfs::replica::backend::Backend;
 use snapfs::replica::status::BackendStatus;
 
-use crate::{checked, json, print_message, run};
+use crate::{checked, json, print_message, run, run_with};
 
 /// Where a backend is and how to reach it: the options every SPEC takes.
 #[derive(clap::Args, Clone, Default)]
@@ -21,12 +21,29 @@ pub struct SpecOpts {
     /// S3 region; default AWS_REGION or AWS_DEFAULT_REGION, else us-east-1.
     #[arg(long)]
     pub region: Option<String>,
+    /// mirror:/ec: backends: how long a member may fail before writes go on without it,
+    /// degraded (default 30s).
+    #[arg(long, value_parser = snapfs::daemon::retention::parse_duration)]
+    pub degrade_after: Option<Duration>,
+    /// backend add, mount --replicate: encrypt every object sent to the (empty) backend, under
+    /// a new random key wrapped by the passphrase or key file (the backend's snapfs-key).
+    #[arg(long)]
+    pub encrypt: bool,
+    /// An encrypted backend's passphrase: the first line of this file (else
+    /// SNAPFS_PASSPHRASE, else a prompt on the terminal).
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
+    /// Unlock (with --encrypt: protect) an encrypted backend's key with this file's bytes
+    /// instead of a passphrase.
+    #[arg(long, conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
 pub enum BackendCmd {
     /// Add a backend to a store (or its mountpoint). Everything the store already holds is
-    /// queued for it. SPEC: dir:/ABS/PATH or s3://BUCKET[/PREFIX]. S3 credentials come from
+    /// queued for it. SPEC: dir:/ABS/PATH, s3://BUCKET[/PREFIX], mirror:SPEC,SPEC[,...] or
+    /// ec:K+M:SPEC,... (K data and M parity shards over K+M members). S3 credentials come from
     /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS credentials file and are kept in
     /// STORE/backends/NAME.json (mode 0600), so a daemon started later can use them.
     Add {
@@ -47,6 +64,19 @@ pub enum BackendCmd {
     },
     /// Remove a backend from a store: its queue goes; nothing is deleted on the backend.
     Remove { target: PathBuf, name: String },
+    /// Change the passphrase (or key file) of an encrypted backend: its key object is
+    /// rewrapped, nothing is re-encrypted. The old secret as for every SPEC; the new one from
+    /// --new-key-file, --new-passphrase-file, SNAPFS_NEW_PASSPHRASE or a prompt.
+    Rekey {
+        #[arg(long)]
+        from: String,
+        #[command(flatten)]
+        opts: SpecOpts,
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+        #[arg(long, conflicts_with = "new_passphrase_file")]
+        new_key_file: Option<PathBuf>,
+    },
 }
 
 /// A rate: a size per second, e.g. 100MiB/s (the "/s" may be left out).
@@ -67,7 +97,7 @@ pub fn resolve(
     o: &SpecOpts,
     limit: Option<u64>,
 ) -> Result<BackendConfig, String> {
-    config::new_config(
+    let mut cfg = config::new_config(
         name,
         0,
         spec,
@@ -75,13 +105,21 @@ pub fn resolve(
         o.region.as_deref(),
         limit,
         &config::process_env,
-    )
+    )?;
+    cfg.degrade_after_secs = o.degrade_after.map(|d| d.as_secs());
+    Ok(cfg)
 }
 
 /// Opens a backend named only by a SPEC (no store): `--from`.
 pub fn open_spec(spec: &str, o: &SpecOpts) -> Result<Box<dyn Backend>, String> {
-    let cfg = resolve("from", spec, o, None)?;
-    config::open(&cfg)
+    config::open(&resolve_from(spec, o)?)
+}
+
+/// [`resolve`] for `--from`: an encrypted backend's key unlocked.
+pub fn resolve_from(spec: &str, o: &SpecOpts) -> Result<BackendConfig, String> {
+    let mut cfg = resolve("from", spec, o, None)?;
+    super::crypt::prepare(&mut cfg, o, false)?;
+    Ok(cfg)
 }
 
 pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
@@ -93,8 +131,24 @@ pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
             opts,
             limit,
         } => {
-            let config = resolve(&name, &spec, &opts, limit)?;
+            let mut config = resolve(&name, &spec, &opts, limit)?;
+            super::crypt::prepare(&mut config, &opts, true)?;
             print_message(checked(run(&target, Request::BackendAdd { config })?)?);
+        }
+        BackendCmd::Rekey {
+            from,
+            opts,
+            new_passphrase_file,
+            new_key_file,
+        } => {
+            let cfg = resolve("from", &from, &opts, None)?;
+            let msg = super::crypt::rekey(
+                &cfg,
+                &opts,
+                new_key_file.as_deref(),
+                new_passphrase_file.as_deref(),
+            )?;
+            println!("{msg}");
         }
         BackendCmd::List { target, json: j } => {
             let list = checked(run(&target, Request::BackendList)?)?
@@ -324,4 +378,59 @@ pub fn recover(
         r.snapshots.last().map_or("empty", |s| s.as_str())
     );
     Ok(())
+}
+
+/// `snapfs scrub`: a spinner with the daemon's progress on a terminal, plain lines otherwise;
+/// exit status 1 if anything is left bad.
+pub fn scrub(
+    target: &Path,
+    backend: Option<String>,
+    repair: bool,
+    limit: Option<u64>,
+    as_json: bool,
+) -> Result<(), String> {
+    let local = backend.is_none();
+    let req = Request::Scrub {
+        backend,
+        repair,
+        local,
+        limit,
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
+    let mut last = Instant::now();
+    let r = run_with(target, req, &mut |p| match &bar {
+        Some(b) => b.set_message(p.to_string()),
+        None => {
+            if last.elapsed() >= Duration::from_secs(5) {
+                last = Instant::now();
+                eprintln!("{p}");
+            }
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let rep = checked(r?)?.scrub.ok_or("no report in the answer")?;
+    if as_json {
+        json(&rep)?;
+    } else {
+        print!("{}", snapfs::replica::scrub::to_text(&rep));
+    }
+    if rep.clean() {
+        Ok(())
+    } else {
+        Err(if repair {
+            "scrub: damage is left that could not be repaired".into()
+        } else {
+            "scrub: damage found (run with --repair to fix what can be)".into()
+        })
+    }
 }

@@ -70,6 +70,14 @@ pub enum Request {
     },
     BackendList,
     Status,
+    Scrub {
+        /// Only this backend (and no local chunks); None: the local store and every backend.
+        backend: Option<String>,
+        repair: bool,
+        /// Also the local chunks.
+        local: bool,
+        limit: Option<u64>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -89,6 +97,8 @@ pub struct Response {
     pub backends: Option<Vec<crate::daemon::replication::BackendInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Vec<crate::replica::status::BackendStatus>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<crate::replica::scrub::ScrubReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// An intermediate progress line (the final line has none).

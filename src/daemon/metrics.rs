@@ -119,6 +119,12 @@ pub fn render(ctx: &Ctx) -> String {
         &[(String::new(), w.parked_bytes as f64)],
     );
     metric(
+        "self_heals_total",
+        "Local chunks that failed verification and were rewritten from a backend copy.",
+        "counter",
+        &[(String::new(), ctx.fs.self_heals() as f64)],
+    );
+    metric(
         "write_compress_queue_bytes",
         "Raw bytes of chunks stored uncompressed, waiting for compression behind the writer.",
         "gauge",
@@ -204,6 +210,46 @@ pub fn render(ctx: &Ctx) -> String {
         "1 while uploads to the backend fail (no success since the last error).",
         "gauge",
         &rows(&|b| b.failing as u8 as f64),
+    );
+    metric(
+        "backend_degraded",
+        "1 while a member of a mirror:/ec: backend is down or being healed.",
+        "gauge",
+        &rows(&|b| b.degraded as u8 as f64),
+    );
+    let members: Vec<(String, f64)> = all
+        .iter()
+        .flat_map(|b| {
+            b.members.iter().enumerate().map(move |(i, m)| {
+                (
+                    format!("{{backend=\"{}\",member=\"{i}\"}}", esc(&b.name)),
+                    (m.state == "ok") as u8 as f64,
+                )
+            })
+        })
+        .collect();
+    metric(
+        "backend_member_up",
+        "Per member of a mirror:/ec: backend: 1 if it is healthy and holds everything.",
+        "gauge",
+        &members,
+    );
+    let missed: Vec<(String, f64)> = all
+        .iter()
+        .flat_map(|b| {
+            b.members.iter().enumerate().map(move |(i, m)| {
+                (
+                    format!("{{backend=\"{}\",member=\"{i}\"}}", esc(&b.name)),
+                    m.missed_objects as f64,
+                )
+            })
+        })
+        .collect();
+    metric(
+        "backend_member_missed_objects",
+        "Objects written without the member since it went down (healed when it returns).",
+        "gauge",
+        &missed,
     );
     metric(
         "backend_snapshots_pending",

@@ -435,6 +435,12 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String) -> bool)
         | Request::BackendRemove { .. }
         | Request::BackendList
         | Request::Status => crate::daemon::replication::handle(ctx, req),
+        Request::Scrub {
+            backend,
+            repair,
+            local,
+            limit,
+        } => crate::daemon::replication::scrub(ctx, backend, repair, local, limit, progress),
         Request::Stat => match crate::daemon::report::stat(&ctx.fs, &ctx.store_dir, ctx.chunk_size)
         {
             Ok(s) => Response {

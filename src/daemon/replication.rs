@@ -1,4 +1,5 @@
-//! Operator requests about backends and replication: `backend add|list|remove`, `status`.
+//! Operator requests about backends and replication: `backend add|list|remove`, `status`,
+//! `scrub`.
 //! With a running daemon they act on its replicator (a new backend starts uploading at
 //! once); without one, on the store directly (the queue fills; uploads start at the next
 //! mount).
@@ -105,6 +106,59 @@ pub fn handle(ctx: &Ctx, req: Request) -> Response {
             ..Default::default()
         }),
         _ => Err("internal: not a replication request".into()),
+    })();
+    r.unwrap_or_else(Response::fail)
+}
+
+/// `scrub`: the backends come from the running replicator, else are opened from their
+/// configurations; local chunks are healed from them.
+pub fn scrub(
+    ctx: &Ctx,
+    backend: Option<String>,
+    repair: bool,
+    local: bool,
+    limit: Option<u64>,
+    progress: &mut dyn FnMut(String) -> bool,
+) -> Response {
+    use crate::replica::backend::Backend;
+    use std::sync::Arc;
+    let r: Result<Response, String> = (|| {
+        let mut all: Vec<(String, String, Arc<dyn Backend>)> = Vec::new();
+        let lanes = ctx
+            .replicator
+            .as_ref()
+            .map(|r| r.lanes())
+            .unwrap_or_default();
+        for c in crate::replica::configured(&ctx.fs, &ctx.store_dir)? {
+            let b = match lanes.iter().find(|l| l.id == c.id) {
+                Some(l) => l.backend.clone(),
+                None => Arc::from(
+                    crate::replica::backend::config::open(&c)
+                        .map_err(|e| format!("backend {}: {e}", c.name))?,
+                ),
+            };
+            all.push((c.name.clone(), c.spec.clone(), b));
+        }
+        let healer =
+            crate::replica::scrub::BackendsHealer(all.iter().map(|x| x.2.clone()).collect());
+        ctx.fs.set_healer(Arc::new(healer));
+        if let Some(n) = &backend {
+            all.retain(|x| &x.0 == n);
+            if all.is_empty() {
+                return Err(format!("this store has no backend named {n}"));
+            }
+        }
+        let o = crate::replica::scrub::Options {
+            repair,
+            local,
+            limit_bytes_per_sec: limit,
+        };
+        let rep = crate::replica::scrub::run(&ctx.fs, &all, &o, progress);
+        Ok(Response {
+            ok: true,
+            scrub: Some(rep),
+            ..Default::default()
+        })
     })();
     r.unwrap_or_else(Response::fail)
 }

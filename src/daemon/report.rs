@@ -42,6 +42,10 @@ pub struct StoreStat {
     /// Acknowledged writes not yet committed: buffers, seal jobs, the sealers' queue.
     #[serde(default)]
     pub write_path: crate::fs::WritePath,
+    /// Local chunks that failed verification and were rewritten from a backend's good copy
+    /// (by reads or scrub) since the daemon started.
+    #[serde(default)]
+    pub self_heals: u64,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -106,6 +110,7 @@ pub fn stat(fs: &Fs, dir: &Path, chunk_size: usize) -> Result<StoreStat, String>
     Ok(StoreStat {
         space,
         write_path: fs.write_path(),
+        self_heals: fs.self_heals(),
         live_unique_bytes: live_unique,
         snapshot_only_bytes: c.unique_bytes.saturating_sub(live_unique),
         snapshots,
@@ -162,7 +167,7 @@ impl StoreStat {
              space:             {} ({} free of {}, floor {}, reserve {})\n\
              write path:        {} buffered in {} chunks (budget {}), {} in {} chunks at the sealers \
              ({} of them written, waiting for a group commit; queue {}, {} sealers), {} open files, \
-             {} stored raw waiting for compression in {} chunks\n",
+             {} stored raw waiting for compression in {} chunks\n             self-healed:       {} chunks (bad local copies rewritten from a backend)\n",
             self.store,
             self.format_version,
             human(self.chunk_size),
@@ -205,6 +210,7 @@ impl StoreStat {
             self.write_path.open_files,
             human(self.write_path.compress_queue_bytes),
             self.write_path.compress_queue_chunks,
+            self.self_heals,
         )
     }
 }

@@ -40,6 +40,10 @@ pub trait ChunkSource: Send + Sync {
 pub struct ChunkCache {
     /// Set only for a store whose bodies live on a backend (`Body::Remote` chunks).
     pub(crate) remote: std::sync::OnceLock<Arc<dyn ChunkSource>>,
+    /// Where good copies of chunks whose local body fails verification come from (the
+    /// replicator's backends; `heal.rs`), and how many were healed.
+    pub(crate) healer: std::sync::OnceLock<Arc<dyn ChunkSource>>,
+    pub(crate) healed: std::sync::atomic::AtomicU64,
     cap: AtomicUsize,
     lru: Mutex<Lru>,
     /// Chunks being loaded: waiters block on the inner lock (single flight).
@@ -51,6 +55,8 @@ impl ChunkCache {
     pub fn new(cap: usize) -> ChunkCache {
         ChunkCache {
             remote: std::sync::OnceLock::new(),
+            healer: std::sync::OnceLock::new(),
+            healed: Default::default(),
             cap: AtomicUsize::new(cap),
             lru: Mutex::new(Lru {
                 map: HashMap::new(),
@@ -65,6 +71,11 @@ impl ChunkCache {
     /// Serves chunks the store lacks from `src` (once; later calls are ignored).
     pub fn set_remote(&self, src: Arc<dyn ChunkSource>) {
         let _ = self.remote.set(src);
+    }
+
+    /// Heals chunks whose local body fails verification from `src` (once).
+    pub fn set_healer(&self, src: Arc<dyn ChunkSource>) {
+        let _ = self.healer.set(src);
     }
 
     pub fn capacity(&self) -> usize {

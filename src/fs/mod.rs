@@ -12,6 +12,7 @@ mod check;
 mod compress;
 mod data;
 mod defer;
+mod heal;
 mod install;
 mod ns;
 mod pending;
@@ -30,6 +31,7 @@ use crate::storage::engine::{Cf, Engine};
 use crate::storage::inode::{Attr, Time};
 use crate::storage::keys::{self, ChunkId, TAG_LIVE, TAG_TOMBSTONE};
 pub use cache::{ChunkCache, ChunkSource, DEFAULT_CACHE_BYTES};
+pub use heal::{Counts as ScrubCounts, LocalChunk};
 
 pub use check::CheckReport;
 pub use data::{Handle, ReadBuf, MAX_FILE_SIZE};
@@ -627,6 +629,7 @@ impl Fs {
                 })
             })
             .and_then(|r| r)
+            .or_else(|e| self.self_heal(id, e))
             .map(Arc::new);
         if let Ok(d) = &r {
             self.cache.insert(*id, d.clone());

@@ -138,6 +138,7 @@ impl Fs {
             keys::P_REPL_SNAP,
             keys::P_REPL_META,
             keys::P_REPL_BAD,
+            keys::P_REPL_HEAL,
         ];
         for p in prefixes {
             let prefix = keys::repl_key(p, id, &[]);

@@ -58,6 +58,16 @@ pub fn meta_name(hash: &Hash) -> String {
     format!("meta/{}/{h}", &h[..2])
 }
 
+/// Listing prefixes that together cover every object of a repository, each a small part of
+/// it (a heal or scrub holds one part's names at a time).
+pub fn listing_prefixes() -> Vec<String> {
+    let mut v = vec![REPO_NAME.to_string(), "snapshots/".to_string()];
+    for top in ["meta", "chunks"] {
+        v.extend((0..=255u8).map(|b| format!("{top}/{b:02x}/")));
+    }
+    v
+}
+
 pub fn marker_name(snapshot: &str) -> String {
     format!("snapshots/{snapshot}")
 }

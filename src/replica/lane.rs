@@ -448,7 +448,9 @@ impl Lane {
     fn manifests(&self) {
         let mut last_error = String::new();
         let mut repo_written = false;
+        let mut heal = Heal::new(self);
         while !self.stopped() {
+            heal.step(self);
             let r = (|| -> Result<bool, String> {
                 if !repo_written {
                     let obj = format::repo_object(self.fs.chunk_size as u32);
@@ -464,7 +466,7 @@ impl Lane {
                     last_error.clear();
                     continue;
                 }
-                Ok(false) => {}
+                Ok(false) => heal.run(self),
                 Err(m) => {
                     if m != last_error {
                         self.stats.error(format!("backend {}: {m}", self.name));
@@ -610,6 +612,73 @@ impl Known for LaneKnown<'_> {
             .eng
             .exists(Cf::Meta, &k)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// Healing a redundant backend's members that missed objects while down: the need is kept in
+/// the store (`45 id`) so that a restart still heals; the work runs when the lane is idle.
+struct Heal {
+    key: Vec<u8>,
+    recorded: bool,
+    next_try: Instant,
+}
+
+impl Heal {
+    fn new(lane: &Lane) -> Heal {
+        let key = keys::repl_key(keys::P_REPL_HEAL, lane.id, &[]);
+        let recorded = lane.fs.eng.exists(Cf::Meta, &key).unwrap_or(false);
+        if recorded {
+            log::warn!(
+                "backend {}: a member missed objects before the restart; healing it",
+                lane.name
+            );
+        }
+        // A redundant backend is checked at every start: members replaced or emptied while
+        // no daemon ran are refilled.
+        lane.backend.mark_needs_heal(recorded);
+        Heal {
+            key,
+            recorded,
+            next_try: Instant::now(),
+        }
+    }
+
+    fn set(&mut self, lane: &Lane, on: bool) {
+        let mut b = Batch::default();
+        if on {
+            lane.fs.eng.put(&mut b, Cf::Meta, &self.key, &[]);
+        } else {
+            lane.fs.eng.delete(&mut b, Cf::Meta, &self.key);
+        }
+        match lane.fs.eng.write(b, true) {
+            Ok(()) => self.recorded = on,
+            Err(e) => log::error!("backend {}: cannot record the heal state: {e}", lane.name),
+        }
+    }
+
+    /// Records a new need to heal at once (every loop of the manifest writer).
+    fn step(&mut self, lane: &Lane) {
+        if !self.recorded && lane.backend.needs_heal() {
+            self.set(lane, true);
+        }
+    }
+
+    fn run(&mut self, lane: &Lane) {
+        if !lane.backend.needs_heal() || Instant::now() < self.next_try {
+            return;
+        }
+        match lane.backend.heal(&format::listing_prefixes()) {
+            Ok(n) if !lane.backend.needs_heal() => {
+                log::warn!("backend {}: healed, {n} shards rewritten", lane.name);
+                self.set(lane, false);
+            }
+            Ok(_) => self.next_try = Instant::now() + Duration::from_secs(5),
+            Err(e) => {
+                lane.stats
+                    .error(format!("backend {}: healing: {e}", lane.name));
+                self.next_try = Instant::now() + Duration::from_secs(10);
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! | `lane`     | one backend's uploaders, its queue's state machine, its manifest writer |
 //! | `status`   | the figures of `snapfs status` and the metrics                        |
 //! | `recover`  | reading a backend back: listing, rebuilding a store                   |
+//! | `scrub`    | verifying every local chunk and backend copy, repairing from good ones |
 //!
 //! It calls the core (`fs`) and the storage layer, never the FUSE adapter; the core knows of
 //! it only as backend ids whose queues it fills in its own batches (`fs/queue.rs`).
@@ -17,6 +18,7 @@ pub mod format;
 pub mod lane;
 pub mod manifest;
 pub mod recover;
+pub mod scrub;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +59,26 @@ pub fn configured(fs: &Fs, store_dir: &Path) -> Result<Vec<BackendConfig>, Strin
     Ok(all)
 }
 
+/// Makes the directories of a spec's `dir:` backends (0700) if missing. Only `backend add`
+/// does this, never an upload: a missing directory later means an unmounted disk, not an
+/// empty backup.
+pub fn create_dir_members(spec: &str) -> Result<(), String> {
+    for kind in config::parse_spec(spec)?.plain_members() {
+        let config::SpecKind::Dir(p) = kind else {
+            continue;
+        };
+        if !p.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(p)
+                .map_err(|e| format!("cannot create backend directory {}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Adds a backend to a store: checks that it answers, saves its configuration (mode 0600),
 /// registers it with the core and queues everything the store holds for it. Returns the
 /// number of chunks queued. Works on an open store with or without a running replicator.
@@ -80,18 +102,7 @@ pub fn add_backend(fs: &Fs, store_dir: &Path, mut cfg: BackendConfig) -> Result<
         .max()
         .unwrap_or(0)
         + 1;
-    // A `dir:` backend's directory is made here, when it is added, and never by an upload: a
-    // missing directory later means an unmounted disk, not an empty backup.
-    if let config::SpecKind::Dir(p) = config::parse_spec(&cfg.spec)? {
-        if !p.exists() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&p)
-                .map_err(|e| format!("cannot create backend directory {}: {e}", p.display()))?;
-        }
-    }
+    create_dir_members(&cfg.spec)?;
     let b = config::open(&cfg)?;
     b.exists(format::REPO_NAME)
         .map_err(|e| format!("backend {} ({}) does not answer: {e}", cfg.name, cfg.spec))?;
@@ -112,6 +123,16 @@ pub fn remove_backend(fs: &Fs, store_dir: &Path, name: &str) -> Result<(), Strin
     config::remove(store_dir, name).map(|_| ())
 }
 
+struct LaneHealer(std::sync::Weak<Replicator>);
+
+impl crate::fs::ChunkSource for LaneHealer {
+    fn fetch(&self, id: &crate::storage::keys::ChunkId) -> Result<Vec<u8>, String> {
+        let r = self.0.upgrade().ok_or("the replicator has stopped")?;
+        let backends = r.lanes().iter().map(|l| l.backend.clone()).collect();
+        scrub::BackendsHealer(backends).fetch(id)
+    }
+}
+
 impl Replicator {
     /// Starts a lane for every configured backend. A backend that cannot be opened (bad
     /// configuration) is reported and skipped: its queue waits on disk.
@@ -121,6 +142,9 @@ impl Replicator {
             store_dir: store_dir.to_path_buf(),
             lanes: Mutex::new(Vec::new()),
         });
+        // Self-healing reads: a local chunk that fails verification is fetched from the
+        // backends (a weak link: the core must not keep the replicator alive).
+        fs.set_healer(Arc::new(LaneHealer(Arc::downgrade(&r))));
         for cfg in configured(&fs, store_dir)? {
             if !fs.replica_backfilled(cfg.id).unwrap_or(true) {
                 log::warn!(

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::Fs;
 use crate::replica::backend::config::BackendConfig;
+use crate::replica::backend::MemberReport;
 use crate::replica::lane::{self, Lane};
 use crate::storage::engine::Cf;
 use crate::storage::keys::{self, QueueEntry, ReplSnap};
@@ -54,6 +55,13 @@ pub struct BackendStatus {
     /// chunk bytes it needed uploaded over its window.
     pub backup_window_seconds: Option<f64>,
     pub backup_efficiency_bytes_per_sec: Option<f64>,
+    /// A redundant backend (mirror:, ec:) with a member down or being healed: objects are
+    /// written with less redundancy than the layout's until it is healed.
+    #[serde(default)]
+    pub degraded: bool,
+    /// The members of a redundant backend (empty for dir: and s3://).
+    #[serde(default)]
+    pub members: Vec<MemberReport>,
 }
 
 /// Each snapshot's state on backend `id`, in the order they were taken.
@@ -141,6 +149,7 @@ pub fn backend_status(
         ),
     };
     let bad = bad.max(count_bad(fs, cfg.id)?);
+    let members = lane.map_or_else(Vec::new, |l| l.backend.members());
     Ok(BackendStatus {
         name: cfg.name.clone(),
         spec: cfg.spec.clone(),
@@ -160,6 +169,10 @@ pub fn backend_status(
         snapshots,
         backup_window_seconds: last_done.map(|d| d.0),
         backup_efficiency_bytes_per_sec: last_done.map(|(w, v)| v as f64 / w.max(0.001)),
+        degraded: members
+            .iter()
+            .any(|m| !matches!(m.state.as_str(), "ok" | "checking")),
+        members,
     })
 }
 
@@ -204,6 +217,22 @@ pub fn to_text(all: &[BackendStatus]) -> String {
         );
         if let Some(e) = &b.last_error {
             let _ = writeln!(s, "  last error: {e}");
+        }
+        if b.degraded {
+            let _ = writeln!(
+                s,
+                "  DEGRADED: a member is down or being healed; new objects have less redundancy"
+            );
+        }
+        for (i, m) in b.members.iter().enumerate() {
+            let mut line = format!("  member {i} {}: {}", m.spec, m.state);
+            if m.missed_objects > 0 {
+                line += &format!(", {} objects to heal", m.missed_objects);
+            }
+            if let (Some(e), true) = (&m.last_error, m.state != "ok") {
+                line += &format!(" ({e})");
+            }
+            let _ = writeln!(s, "{line}");
         }
         if let (Some(w), Some(e)) = (b.backup_window_seconds, b.backup_efficiency_bytes_per_sec) {
             let _ = writeln!(

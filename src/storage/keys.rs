@@ -45,6 +45,7 @@ pub const P_REPL_SNAP: u8 = 0x41;
 pub const P_REPL_META: u8 = 0x42;
 pub const P_REPL_BAD: u8 = 0x43;
 pub const P_REPL_BACKEND: u8 = 0x44;
+pub const P_REPL_HEAL: u8 = 0x45;
 
 pub const TAG_TOMBSTONE: u8 = 0;
 pub const TAG_LIVE: u8 = 1;

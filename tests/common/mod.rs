@@ -199,3 +199,35 @@ impl Rng {
         v
     }
 }
+
+/// Fast deterministic bytes, different for every seed and offset (no dedup between files).
+pub fn seeded_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Flips one bit of the first RocksDB blob record holding `needle` in a closed store (random
+/// data is stored raw, so its bytes are found as they are). Returns whether it was found.
+pub fn corrupt_blob(store: &Path, needle: &[u8]) -> bool {
+    let mut hit = false;
+    for e in std::fs::read_dir(store.join("db")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "blob") {
+            let mut b = std::fs::read(&p).unwrap();
+            if let Some(i) = b.windows(needle.len()).position(|w| w == needle) {
+                b[i + 10] ^= 0x01;
+                std::fs::write(&p, &b).unwrap();
+                hit = true;
+            }
+        }
+    }
+    hit
+}

@@ -9,7 +9,9 @@
 //! come from options, else `AWS_ENDPOINT_URL` and `AWS_REGION`/`AWS_DEFAULT_REGION`.
 //! Resolution takes the environment as a function, so tests never touch the process's.
 
+use super::crypt::Encrypted;
 use super::dir::DirBackend;
+use super::redundant::{self, shard, Layout, Redundant};
 use super::s3::{S3Backend, S3Options};
 use super::{check_name, Backend};
 use crate::sys;
@@ -20,6 +22,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
@@ -33,6 +37,45 @@ pub struct BackendConfig {
     /// Upload bandwidth limit, applied by the replicator (the backends do not throttle).
     pub limit_bytes_per_sec: Option<u64>,
     pub credentials: Option<Credentials>,
+    /// Redundant backends: how long a member may fail before writes go on without it
+    /// (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degrade_after_secs: Option<u64>,
+    /// `--encrypt`: the backend's master key, hex (this file is 0600 in a 0700 directory;
+    /// the store it protects is plaintext on the same disk). Its wrapped form is the
+    /// backend's `snapfs-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<Secret32>,
+}
+
+/// A 32-byte key, stored as hex, never printed by Debug.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret32(pub String);
+
+impl Secret32 {
+    pub fn new(k: &[u8; 32]) -> Secret32 {
+        Secret32(super::super::format::hex(k))
+    }
+
+    pub fn bytes(&self) -> Result<[u8; 32], String> {
+        let s = &self.0;
+        let mut out = [0u8; 32];
+        if s.len() != 64 {
+            return Err("a stored encryption key is not 64 hex digits".into());
+        }
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                .map_err(|_| "a stored encryption key is not hex".to_string())?;
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for Secret32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,10 +106,88 @@ pub enum SpecKind {
         bucket: String,
         prefix: Option<String>,
     },
+    /// `mirror:SPEC,SPEC[,…]` or `ec:K+M:SPEC,…`: plain member specs, in order.
+    Redundant {
+        layout: Layout,
+        members: Vec<(String, SpecKind)>,
+    },
 }
 
-/// Parses `dir:/ABS/PATH` or `s3://BUCKET[/PREFIX]`.
+impl SpecKind {
+    /// The plain (`dir:`, `s3://`) backends this spec names: itself, or its members.
+    pub fn plain_members(&self) -> Vec<&SpecKind> {
+        match self {
+            SpecKind::Redundant { members, .. } => members.iter().map(|(_, k)| k).collect(),
+            k => vec![k],
+        }
+    }
+}
+
+const SPEC_HELP: &str =
+    "use dir:/ABS/PATH, s3://BUCKET[/PREFIX], mirror:SPEC,SPEC[,...] or ec:K+M:SPEC,...";
+
+/// Parses `dir:/ABS/PATH`, `s3://BUCKET[/PREFIX]`, `mirror:SPEC,SPEC[,…]` (2 to 32 members)
+/// or `ec:K+M:SPEC,…` (K+M members, K >= 1, M >= 1, K+M <= 32). Members are plain specs,
+/// split at commas (so a member `dir:` path cannot hold a comma), and must be distinct.
 pub fn parse_spec(spec: &str) -> Result<SpecKind, String> {
+    if let Some(rest) = spec.strip_prefix("mirror:") {
+        let members = parse_members(spec, rest)?;
+        if members.len() < 2 {
+            return Err(format!("{spec:?}: a mirror needs at least 2 members"));
+        }
+        let layout = Layout::Mirror {
+            n: members.len() as u8,
+        };
+        return Ok(SpecKind::Redundant { layout, members });
+    }
+    if let Some(rest) = spec.strip_prefix("ec:") {
+        let bad =
+            || format!("{spec:?}: erasure coding is ec:K+M:SPEC,... (e.g. ec:4+2:dir:/a,...)");
+        let (km, rest) = rest.split_once(':').ok_or_else(bad)?;
+        let (k, m) = km.split_once('+').ok_or_else(bad)?;
+        let k: u8 = k.parse().map_err(|_| bad())?;
+        let m: u8 = m.parse().map_err(|_| bad())?;
+        if k == 0 || m == 0 || k as usize + m as usize > shard::MAX_MEMBERS {
+            return Err(format!(
+                "{spec:?}: K and M must be at least 1 and K+M at most {}",
+                shard::MAX_MEMBERS
+            ));
+        }
+        let members = parse_members(spec, rest)?;
+        if members.len() != (k + m) as usize {
+            return Err(format!(
+                "{spec:?}: ec:{k}+{m} needs {} member specs, not {}",
+                k + m,
+                members.len()
+            ));
+        }
+        let layout = Layout::Ec { k, m };
+        return Ok(SpecKind::Redundant { layout, members });
+    }
+    parse_plain(spec)
+}
+
+fn parse_members(spec: &str, list: &str) -> Result<Vec<(String, SpecKind)>, String> {
+    let mut out: Vec<(String, SpecKind)> = Vec::new();
+    for m in list.split(',') {
+        if m.starts_with("mirror:") || m.starts_with("ec:") {
+            return Err(format!(
+                "{spec:?}: members must be dir: or s3:// backends, not {m:?}"
+            ));
+        }
+        let k = parse_plain(m).map_err(|e| format!("in {spec:?}: {e}"))?;
+        if out.iter().any(|(_, o)| *o == k) {
+            return Err(format!("{spec:?}: member {m:?} is named twice"));
+        }
+        if out.len() == shard::MAX_MEMBERS {
+            return Err(format!("{spec:?}: at most {} members", shard::MAX_MEMBERS));
+        }
+        out.push((m.to_string(), k));
+    }
+    Ok(out)
+}
+
+fn parse_plain(spec: &str) -> Result<SpecKind, String> {
     if let Some(p) = spec.strip_prefix("dir:") {
         let path = Path::new(p);
         if p.is_empty() || !path.is_absolute() {
@@ -98,9 +219,7 @@ pub fn parse_spec(spec: &str) -> Result<SpecKind, String> {
             prefix,
         });
     }
-    Err(format!(
-        "unknown backend {spec:?}: use dir:/ABS/PATH or s3://BUCKET[/PREFIX]"
-    ))
+    Err(format!("unknown backend {spec:?}: {SPEC_HELP}"))
 }
 
 /// S3 bucket names: 3-63 bytes of `[a-z0-9.-]`, starting and ending with a letter or digit.
@@ -265,19 +384,21 @@ pub fn new_config(
         region: None,
         limit_bytes_per_sec,
         credentials: None,
+        degrade_after_secs: None,
+        encryption_key: None,
     };
-    match parse_spec(spec)? {
-        SpecKind::Dir(_) => {
-            if endpoint.is_some() || region.is_some() {
-                return Err("an endpoint or region is only for s3:// backends".into());
-            }
-        }
-        SpecKind::S3 { .. } => {
-            let r = resolve_s3(endpoint, region, env)?;
-            cfg.endpoint = r.endpoint;
-            cfg.region = r.region;
-            cfg.credentials = Some(r.credentials.ok_or_else(|| no_credentials(spec))?);
-        }
+    let kind = parse_spec(spec)?;
+    let has_s3 = kind
+        .plain_members()
+        .iter()
+        .any(|k| matches!(k, SpecKind::S3 { .. }));
+    if has_s3 {
+        let r = resolve_s3(endpoint, region, env)?;
+        cfg.endpoint = r.endpoint;
+        cfg.region = r.region;
+        cfg.credentials = Some(r.credentials.ok_or_else(|| no_credentials(spec))?);
+    } else if endpoint.is_some() || region.is_some() {
+        return Err("an endpoint or region is only for s3:// backends".into());
     }
     Ok(cfg)
 }
@@ -299,20 +420,55 @@ pub fn open_with_env(
     cfg: &BackendConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Box<dyn Backend>, String> {
+    let b = open_unencrypted(cfg, env)?;
+    match &cfg.encryption_key {
+        Some(k) => Ok(Box::new(Encrypted::new(Arc::from(b), &k.bytes()?))),
+        None => Ok(b),
+    }
+}
+
+/// The backend without its encryption layer (what holds `snapfs-key`).
+pub fn open_unencrypted(
+    cfg: &BackendConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Box<dyn Backend>, String> {
     match parse_spec(&cfg.spec)? {
+        SpecKind::Redundant { layout, members } => {
+            let mut opened: Vec<(String, Arc<dyn Backend>)> = Vec::new();
+            for (spec, kind) in members {
+                let b = open_plain(cfg, &spec, kind, env).map_err(|e| format!("{spec}: {e}"))?;
+                opened.push((spec, Arc::from(b)));
+            }
+            let after = cfg
+                .degrade_after_secs
+                .map_or(redundant::DEGRADE_AFTER, Duration::from_secs);
+            Ok(Box::new(Redundant::new(&cfg.spec, layout, opened, after)?))
+        }
+        kind => open_plain(cfg, &cfg.spec, kind, env),
+    }
+}
+
+fn open_plain(
+    cfg: &BackendConfig,
+    spec: &str,
+    kind: SpecKind,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Box<dyn Backend>, String> {
+    match kind {
         SpecKind::Dir(p) => Ok(Box::new(DirBackend::new(&p)?)),
         SpecKind::S3 { bucket, prefix } => {
             let creds = match &cfg.credentials {
                 Some(c) => c.clone(),
                 None => resolve_s3(None, None, env)?
                     .credentials
-                    .ok_or_else(|| no_credentials(&cfg.spec))?,
+                    .ok_or_else(|| no_credentials(spec))?,
             };
             let mut o = S3Options::new(&bucket, prefix.as_deref(), creds);
             o.endpoint = cfg.endpoint.clone();
             o.region = cfg.region.clone();
             Ok(Box::new(S3Backend::new(&o)?))
         }
+        SpecKind::Redundant { .. } => Err("a redundant backend cannot be a member".into()),
     }
 }
 

@@ -332,3 +332,49 @@ fn symlinked_backends_dir_refused() {
     std::os::unix::fs::symlink(elsewhere.join("x.json"), store.join("backends/x.json")).unwrap();
     assert_eq!(load_all(&store).unwrap(), vec![cfg]);
 }
+
+#[test]
+fn redundant_specs() {
+    use crate::replica::backend::redundant::Layout;
+    let m = parse_spec("mirror:dir:/a,dir:/b").unwrap();
+    let SpecKind::Redundant { layout, members } = &m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(*layout, Layout::Mirror { n: 2 });
+    assert_eq!(members[1].0, "dir:/b");
+    let e = parse_spec("ec:4+2:dir:/0,dir:/1,dir:/2,dir:/3,s3://bkt/p,dir:/5").unwrap();
+    assert!(matches!(
+        e,
+        SpecKind::Redundant {
+            layout: Layout::Ec { k: 4, m: 2 },
+            ..
+        }
+    ));
+    assert_eq!(e.plain_members().len(), 6);
+    for bad in [
+        "mirror:dir:/a",               // one member
+        "mirror:dir:/a,dir:/a",        // twice
+        "mirror:dir:/a,mirror:dir:/b", // nested
+        "ec:4+2:dir:/a,dir:/b",        // too few
+        "ec:0+2:dir:/a,dir:/b",        // k 0
+        "ec:4-2:dir:/a",               // syntax
+        "ec:30+3:dir:/a",              // too many
+        "mirror:dir:rel,dir:/b",       // a bad member
+    ] {
+        assert!(parse_spec(bad).is_err(), "{bad}");
+    }
+    // S3 members need credentials; dir-only redundant specs refuse an endpoint.
+    let none = |_: &str| None;
+    assert!(new_config("r", 1, "mirror:dir:/a,s3://bkt", None, None, None, &none).is_err());
+    assert!(new_config(
+        "r",
+        1,
+        "mirror:dir:/a,dir:/b",
+        Some("http://x"),
+        None,
+        None,
+        &none
+    )
+    .is_err());
+    assert!(new_config("r", 1, "mirror:dir:/a,dir:/b", None, None, None, &none).is_ok());
+}

@@ -12,8 +12,10 @@
 //! listing is untrusted data, and no name may ever escape the backend's root.
 
 pub mod config;
+pub mod crypt;
 pub mod dir;
 pub mod mem;
+pub mod redundant;
 pub mod s3;
 
 use std::fmt;
@@ -68,6 +70,82 @@ pub trait Backend: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
     /// Removes the object; Ok if there was none.
     fn delete(&self, name: &str) -> Result<(), BackendError>;
+
+    /// The members of a redundant backend and their health (empty for a plain backend).
+    fn members(&self) -> Vec<MemberReport> {
+        Vec::new()
+    }
+    /// Whether some member misses objects that [`Backend::heal`] should rewrite.
+    fn needs_heal(&self) -> bool {
+        false
+    }
+    /// Marks every member for a heal pass: at start (`known_missing` false: a check that
+    /// finds what an earlier process or an operator's hands left missing), or after a
+    /// restart in a degraded state whose counts are gone (`known_missing` true).
+    fn mark_needs_heal(&self, _known_missing: bool) {}
+    /// Rewrites, on members that need it and answer, every object under `prefixes` that
+    /// they lack; returns the number of shards written.
+    fn heal(&self, _prefixes: &[String]) -> Result<u64, BackendError> {
+        Ok(0)
+    }
+    /// Reads `name` copy by copy (scrub): the object if it could be read or rebuilt, and
+    /// what each member holds; with `repair`, rewrites missing or bad copies from good ones.
+    fn inspect(&self, name: &str, _repair: bool) -> Result<Inspection, BackendError> {
+        let state = match self.get(name) {
+            Ok(obj) => {
+                return Ok(Inspection::single(
+                    self.describe(),
+                    Some(obj),
+                    ShardState::Good,
+                ))
+            }
+            Err(BackendError::NotFound) => ShardState::Missing,
+            Err(e) => ShardState::Unreadable(e.to_string()),
+        };
+        Ok(Inspection::single(self.describe(), None, state))
+    }
+}
+
+pub use redundant::ShardState;
+
+/// One member of a redundant backend, as `snapfs status` shows it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MemberReport {
+    pub spec: String,
+    /// `ok`, `failing` (errors, not yet down), `down` (writes go on without it), `healing`
+    /// (back, missing objects being rewritten), `checking` (the heal pass every daemon runs
+    /// at start, comparing the members' listings, has not finished).
+    pub state: String,
+    pub failing_seconds: Option<f64>,
+    pub last_error: Option<String>,
+    /// Objects written without it since it went down.
+    pub missed_objects: u64,
+}
+
+/// What [`Backend::inspect`] found of one object.
+#[derive(Debug)]
+pub struct Inspection {
+    pub object: Option<Vec<u8>>,
+    /// Per copy (member): its description and state.
+    pub members: Vec<(String, ShardState)>,
+    /// Members whose copy was rewritten.
+    pub repaired: Vec<usize>,
+    /// Members whose copy needed a rewrite that failed, and why.
+    pub unrepaired: Vec<(usize, String)>,
+    /// Why the object could not be rebuilt, if it exists somewhere but could not.
+    pub error: Option<String>,
+}
+
+impl Inspection {
+    fn single(describe: String, object: Option<Vec<u8>>, state: ShardState) -> Inspection {
+        Inspection {
+            object,
+            members: vec![(describe, state)],
+            repaired: Vec::new(),
+            unrepaired: Vec::new(),
+            error: None,
+        }
+    }
 }
 
 /// Longest component of an object name, in bytes.

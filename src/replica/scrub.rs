@@ -1,0 +1,408 @@
+//! `snapfs scrub`: re-reads and verifies every local chunk and every backend object, and
+//! with `--repair` rewrites a bad copy from a good one (docs/replication.md, "Scrub").
+//!
+//! - Local chunks: decompressed and hashed against their id; a bad one is healed from the
+//!   first backend that holds a good copy (`fs/heal.rs`).
+//! - Backend objects, listed prefix by prefix (`format::listing_prefixes`): every copy
+//!   (member of a mirror, shard of an ec layout) checked on its own, the object rebuilt and
+//!   verified as what its name says (a chunk against its id, a metadata object against its
+//!   hash, a marker or the descriptor against its trailer). With `--repair`: a missing or bad
+//!   copy is rewritten from the good ones (mirror member from mirror member, ec shard by
+//!   reconstruction); an object that cannot be read back at all is re-uploaded from the
+//!   local store if it is a chunk the store holds.
+//!
+//! It runs beside writers: it takes no lock for longer than one chunk's repair, and a bandwidth
+//! limit (`--limit`) paces the bytes it reads.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fs::{ChunkSource, Fs, LocalChunk, ScrubCounts};
+use crate::replica::backend::{Backend, BackendError, ShardState};
+use crate::replica::format::{self, Hash};
+use crate::replica::lane::TokenBucket;
+use crate::storage::keys::ChunkId;
+
+/// At most this many findings are listed (the counts hold them all).
+const MAX_FINDINGS: usize = 1000;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackendScrub {
+    pub name: String,
+    pub spec: String,
+    /// Whole objects: read back (rebuilt) and verified as what their names say.
+    pub objects: ScrubCounts,
+    /// Copies: one per object on a plain backend, one per member (mirror) or shard (ec).
+    pub copies: ScrubCounts,
+    /// Why the scrub of this backend stopped early, if it did.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScrubReport {
+    pub repair: bool,
+    pub local: Option<ScrubCounts>,
+    pub backends: Vec<BackendScrub>,
+    /// One line per bad copy or object, and what became of it (at most 1000).
+    pub findings: Vec<String>,
+    pub findings_left_out: u64,
+    pub seconds: f64,
+}
+
+impl ScrubReport {
+    /// Anything still bad at the end: not repaired (without `--repair`, everything bad), or
+    /// a backend that could not be scrubbed to the end.
+    pub fn clean(&self) -> bool {
+        let left = |c: &ScrubCounts| c.bad > c.repaired;
+        !self.local.as_ref().is_some_and(left)
+            && self
+                .backends
+                .iter()
+                .all(|b| !left(&b.objects) && !left(&b.copies) && b.error.is_none())
+    }
+
+    fn finding(&mut self, f: String) {
+        if self.findings.len() < MAX_FINDINGS {
+            self.findings.push(f);
+        } else {
+            self.findings_left_out += 1;
+        }
+    }
+}
+
+pub struct Options {
+    pub repair: bool,
+    pub local: bool,
+    pub limit_bytes_per_sec: Option<u64>,
+}
+
+/// Heals chunks from a list of backends, first good copy wins.
+pub struct BackendsHealer(pub Vec<Arc<dyn Backend>>);
+
+impl ChunkSource for BackendsHealer {
+    fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>, String> {
+        let name = format::chunk_name(id);
+        let mut why = Vec::new();
+        for b in &self.0 {
+            match b.get(&name) {
+                Ok(obj) => match format::open_chunk(id, &obj) {
+                    Ok((_, data)) => return Ok(data),
+                    Err(e) => why.push(format!("{}: {e}", b.describe())),
+                },
+                Err(e) => why.push(format!("{}: {e}", b.describe())),
+            }
+        }
+        if why.is_empty() {
+            return Err("no backend".into());
+        }
+        Err(why.join("; "))
+    }
+}
+
+/// Runs a scrub. `backends`: (name, spec, backend) of those to scrub. `progress` gets a line
+/// now and then and returns false to stop (the client went away).
+pub fn run(
+    fs: &Fs,
+    backends: &[(String, String, Arc<dyn Backend>)],
+    o: &Options,
+    progress: &mut dyn FnMut(String) -> bool,
+) -> ScrubReport {
+    let start = Instant::now();
+    let bucket = o.limit_bytes_per_sec.map(TokenBucket::new);
+    let mut rep = ScrubReport {
+        repair: o.repair,
+        ..Default::default()
+    };
+    let mut last = Instant::now();
+    let mut tick = |msg: &dyn Fn() -> String| -> bool {
+        if last.elapsed().as_millis() >= 500 {
+            last = Instant::now();
+            return progress(msg());
+        }
+        true
+    };
+    if o.local {
+        let mut c = ScrubCounts::default();
+        let mut after: Option<ChunkId> = None;
+        'pages: loop {
+            let page = match fs.chunks_after(after.as_ref(), 256) {
+                Ok(p) => p,
+                Err(e) => {
+                    rep.finding(format!("local: cannot list chunks: {e}"));
+                    c.unrepairable += 1;
+                    break;
+                }
+            };
+            let Some(last_id) = page.last().map(|x| x.0) else {
+                break;
+            };
+            for (id, stored) in page {
+                if let Some(b) = &bucket {
+                    b.take(stored as usize);
+                }
+                let r = fs.scrub_chunk(&id, o.repair);
+                c.checked += 1;
+                c.bytes += stored as u64;
+                match r {
+                    Ok(LocalChunk::Good) | Ok(LocalChunk::Gone) => {}
+                    Ok(LocalChunk::Bad { healed, why }) => {
+                        c.bad += 1;
+                        if healed {
+                            c.repaired += 1;
+                        } else if o.repair {
+                            c.unrepairable += 1;
+                        }
+                        let fate = if healed {
+                            "repaired from a backend"
+                        } else if o.repair {
+                            "UNREPAIRABLE"
+                        } else {
+                            "bad"
+                        };
+                        rep.finding(format!("local chunk {}: {why}: {fate}", format::hex(&id)));
+                    }
+                    Err(e) => {
+                        c.bad += 1;
+                        c.unrepairable += 1;
+                        rep.finding(format!(
+                            "local chunk {}: cannot read: {e}",
+                            format::hex(&id)
+                        ));
+                    }
+                }
+                let (n, bytes) = (c.checked, c.bytes);
+                if !tick(&|| format!("scrub: local: {n} chunks checked ({} MiB)", bytes >> 20)) {
+                    break 'pages;
+                }
+            }
+            after = Some(last_id);
+        }
+        rep.local = Some(c);
+    }
+    for (name, spec, b) in backends {
+        let mut s = BackendScrub {
+            name: name.clone(),
+            spec: spec.clone(),
+            ..Default::default()
+        };
+        'prefixes: for p in format::listing_prefixes() {
+            let names = match b.list(&p) {
+                Ok(n) => n,
+                Err(e) => {
+                    s.error = Some(format!("cannot list {p}: {e}"));
+                    break;
+                }
+            };
+            for obj in names {
+                if let Err(e) =
+                    scrub_object(fs, b.as_ref(), &obj, o, bucket.as_ref(), &mut s, &mut rep)
+                {
+                    s.error = Some(e);
+                    break 'prefixes;
+                }
+                let (n, bytes) = (s.objects.checked, s.objects.bytes);
+                if !tick(&|| {
+                    format!(
+                        "scrub: backend {name}: {n} objects checked ({} MiB)",
+                        bytes >> 20
+                    )
+                }) {
+                    s.error = Some("stopped: the client went away".into());
+                    break 'prefixes;
+                }
+            }
+        }
+        rep.backends.push(s);
+    }
+    rep.seconds = start.elapsed().as_secs_f64();
+    rep
+}
+
+/// What a name says an object must be, checked.
+fn verify(name: &str, obj: &[u8]) -> Result<(), String> {
+    let hex_of = |s: &str| -> Option<Hash> {
+        let h = s.rsplit('/').next()?;
+        if h.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    };
+    let r = if name.starts_with("chunks/") {
+        let id = hex_of(name).ok_or("not a chunk name")?;
+        format::open_chunk(&id, obj).map(|_| ())
+    } else if name.starts_with("meta/") {
+        let h = hex_of(name).ok_or("not a metadata name")?;
+        let kind = *obj.get(5).ok_or("too short")?;
+        format::open_meta(&h, kind, obj).map(|_| ())
+    } else if name.starts_with("snapshots/") {
+        format::open_marker(obj).map(|_| ())
+    } else if name == format::REPO_NAME {
+        format::open_repo(obj).map(|_| ())
+    } else {
+        return Err("not an object snapfs writes".into());
+    };
+    r.map_err(|e| e.to_string())
+}
+
+fn scrub_object(
+    fs: &Fs,
+    b: &dyn Backend,
+    name: &str,
+    o: &Options,
+    bucket: Option<&TokenBucket>,
+    s: &mut BackendScrub,
+    rep: &mut ScrubReport,
+) -> Result<(), String> {
+    let ins = match b.inspect(name, o.repair) {
+        Ok(i) => i,
+        Err(BackendError::NotFound) => return Ok(()), // deleted since the listing
+        Err(e) => return Err(format!("{name}: {e}")),
+    };
+    s.objects.checked += 1;
+    if let Some(obj) = &ins.object {
+        s.objects.bytes += obj.len() as u64;
+        if let Some(bk) = bucket {
+            bk.take(obj.len());
+        }
+    }
+    for (i, (member, state)) in ins.members.iter().enumerate() {
+        s.copies.checked += 1;
+        if matches!(state, ShardState::Good) {
+            continue;
+        }
+        s.copies.bad += 1;
+        let fate = if ins.repaired.contains(&i) {
+            s.copies.repaired += 1;
+            "rewritten".to_string()
+        } else if let Some((_, e)) = ins.unrepaired.iter().find(|(j, _)| *j == i) {
+            if o.repair {
+                s.copies.unrepairable += 1;
+            }
+            format!("UNREPAIRABLE: {e}")
+        } else if o.repair {
+            // Unreadable (the member is down): nothing can be written there now.
+            s.copies.unrepairable += 1;
+            "UNREPAIRABLE now (the member does not answer)".to_string()
+        } else {
+            "bad".to_string()
+        };
+        let what = match state {
+            ShardState::Missing => "missing".to_string(),
+            ShardState::Bad(e) => format!("bad ({e})"),
+            ShardState::Unreadable(e) => format!("unreadable ({e})"),
+            ShardState::Good => String::new(),
+        };
+        rep.finding(format!(
+            "{}: {name}: copy on {member}: {what}: {fate}",
+            s.name
+        ));
+    }
+    let problem = match &ins.object {
+        None => Some(ins.error.clone().unwrap_or_else(|| "cannot be read".into())),
+        Some(obj) => verify(name, obj).err(),
+    };
+    let Some(why) = problem else {
+        return Ok(());
+    };
+    s.objects.bad += 1;
+    let mut fate = "bad".to_string();
+    if o.repair {
+        fate = match reupload_chunk(fs, b, name) {
+            Ok(()) => {
+                s.objects.repaired += 1;
+                "re-uploaded from the local store".into()
+            }
+            Err(e) => {
+                s.objects.unrepairable += 1;
+                format!("UNREPAIRABLE: {e}")
+            }
+        };
+    }
+    rep.finding(format!("{}: object {name}: {why}: {fate}", s.name));
+    Ok(())
+}
+
+fn reupload_chunk(fs: &Fs, b: &dyn Backend, name: &str) -> Result<(), String> {
+    let hex = name
+        .strip_prefix("chunks/")
+        .and_then(|r| r.rsplit('/').next())
+        .ok_or("only chunks can be re-uploaded from the local store")?;
+    let mut id = [0u8; 32];
+    for (i, x) in id.iter_mut().enumerate() {
+        *x = hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or("not a chunk name")?;
+    }
+    let obj = fs
+        .eng
+        .with_value(crate::storage::engine::Cf::Chunks, &id, |stored| {
+            crate::storage::chunk::verify(&id, stored).map(|_| format::chunk_object(stored))
+        })
+        .map_err(|e| format!("cannot read the local copy: {e}"))?
+        .ok_or("the local store does not hold it")?
+        .map_err(|e| format!("the local copy is bad too: {e}"))?;
+    b.put(name, &obj)
+        .map_err(|e| format!("cannot re-upload it: {e}"))?;
+    let back = b
+        .get(name)
+        .map_err(|e| format!("cannot read it back: {e}"))?;
+    verify(name, &back).map_err(|e| format!("still bad after re-upload: {e}"))
+}
+
+/// Text for `snapfs scrub` without `--json`.
+pub fn to_text(r: &ScrubReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for f in &r.findings {
+        let _ = writeln!(s, "{f}");
+    }
+    if r.findings_left_out > 0 {
+        let _ = writeln!(s, "... and {} more findings", r.findings_left_out);
+    }
+    let line = |what: &str, c: &ScrubCounts| {
+        format!(
+            "{what}: {} checked ({} MiB), {} bad, {} repaired, {} unrepairable",
+            c.checked,
+            c.bytes >> 20,
+            c.bad,
+            c.repaired,
+            c.unrepairable
+        )
+    };
+    if let Some(c) = &r.local {
+        let _ = writeln!(s, "{}", line("local chunks", c));
+    }
+    for b in &r.backends {
+        let _ = writeln!(
+            s,
+            "{}",
+            line(&format!("backend {} objects", b.name), &b.objects)
+        );
+        let _ = writeln!(
+            s,
+            "{}",
+            line(&format!("backend {} copies", b.name), &b.copies)
+        );
+        if let Some(e) = &b.error {
+            let _ = writeln!(s, "backend {}: scrub incomplete: {e}", b.name);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "scrub {} in {:.1} s",
+        if r.clean() {
+            "clean"
+        } else {
+            "found damage left unrepaired"
+        },
+        r.seconds
+    );
+    s
+}
