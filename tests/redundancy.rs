@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, cli, ok, seeded_bytes as bytes, Mount};
+use common::{bin, cli, dir_objects as objects, ok, seeded_bytes as bytes, Mount};
 
 fn write_files(root: &Path, tag: &str, seed: u64) {
     let dir = root.join(tag);
@@ -54,25 +54,6 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             }
         }
     }
-    out
-}
-
-/// Every object file under a dir: member (relative names).
-fn objects(member: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![member.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.strip_prefix(member).unwrap().to_path_buf());
-            }
-        }
-    }
-    out.sort();
     out
 }
 

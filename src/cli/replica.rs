@@ -1,5 +1,5 @@
 //! The replication commands of the CLI: `backend add|list|remove`, `status`, `snapshot wait`,
-//! `snapshot list --from`, `recover`, `scrub`.
+//! `snapshot list --from`, `recover`, `scrub` (`backend prune` is in prune.rs).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -55,7 +55,18 @@ pub enum BackendCmd {
         /// Upload bandwidth limit, e.g. 100MiB/s.
         #[arg(long, value_parser = parse_rate)]
         limit: Option<u64>,
+        /// The snapshots `backend prune` keeps on this backend (default: all).
+        #[command(flatten)]
+        keep: crate::Keep,
+        /// Never delete anything from this backend from this host: `backend prune TARGET
+        /// NAME` is refused (prune with --from on a trusted host). Pair it with storage-side
+        /// permissions (an S3 key without DeleteObject) for real protection.
+        #[arg(long)]
+        append_only: bool,
     },
+    /// Delete the snapshots the backend's retention policy (or the --keep-* given) drops,
+    /// then every object no kept snapshot references; safe beside running uploads.
+    Prune(super::prune::PruneArgs),
     /// List a store's backends.
     List {
         target: PathBuf,
@@ -130,8 +141,13 @@ pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
             spec,
             opts,
             limit,
+            keep,
+            append_only,
         } => {
             let mut config = resolve(&name, &spec, &opts, limit)?;
+            let policy = keep.policy();
+            config.keep = (!policy.is_empty()).then_some(policy);
+            config.append_only = append_only;
             super::crypt::prepare(&mut config, &opts, true)?;
             print_message(checked(run(&target, Request::BackendAdd { config })?)?);
         }
@@ -168,9 +184,22 @@ pub fn backend_cmd(c: BackendCmd) -> Result<(), String> {
                 if let Some(l) = b.limit_bytes_per_sec {
                     extra += &format!(" limit {}/s", snapfs::daemon::report::human(l));
                 }
+                if let Some(k) = &b.keep {
+                    extra += &format!(
+                        " keep last {} hourly {} daily {} weekly {}",
+                        k.last, k.hourly, k.daily, k.weekly
+                    );
+                }
+                if b.append_only {
+                    extra += " append-only";
+                }
+                if b.encrypted {
+                    extra += " encrypted";
+                }
                 println!("{:<16} {}{extra}", b.name, b.spec);
             }
         }
+        BackendCmd::Prune(a) => super::prune::prune_cmd(a)?,
         BackendCmd::Remove { target, name } => {
             print_message(checked(run(&target, Request::BackendRemove { name })?)?);
         }
@@ -221,6 +250,12 @@ pub fn wait(
         for b in &chosen {
             match b.snapshots.iter().find(|s| s.name == name) {
                 Some(s) if s.complete => {}
+                Some(s) if s.pruned => {
+                    return Err(format!(
+                        "snapshot {name} was complete on backend {} and has been deleted there                          by its retention policy (backend prune)",
+                        b.name
+                    ))
+                }
                 Some(_) => missing.push(format!(
                     "{} ({} chunks, {} pending{})",
                     b.name,
@@ -230,6 +265,10 @@ pub fn wait(
                         .as_ref()
                         .map(|e| format!("; last error: {e}"))
                         .unwrap_or_default()
+                        + &b.prune_wait
+                            .as_ref()
+                            .map(|w| format!("; {w}"))
+                            .unwrap_or_default()
                 )),
                 None => {
                     return Err(format!(
@@ -396,15 +435,7 @@ pub fn scrub(
         local,
         limit,
     };
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    });
+    let bar = spinner();
     let mut last = Instant::now();
     let r = run_with(target, req, &mut |p| match &bar {
         Some(b) => b.set_message(p.to_string()),
@@ -433,4 +464,17 @@ pub fn scrub(
             "scrub: damage found (run with --repair to fix what can be)".into()
         })
     }
+}
+
+/// A spinner with a message on a terminal (stderr); None otherwise (plain lines instead).
+pub fn spinner() -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    })
 }

@@ -78,6 +78,14 @@ pub enum Request {
         local: bool,
         limit: Option<u64>,
     },
+    /// `backend prune`: the backend's snapshots its policy drops, then unreferenced objects.
+    Prune {
+        backend: String,
+        /// None: the backend's configured policy (default: keep every snapshot).
+        policy: Option<crate::fs::keep::Policy>,
+        dry_run: bool,
+        grace_ms: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -99,6 +107,8 @@ pub struct Response {
     pub status: Option<Vec<crate::replica::status::BackendStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub: Option<crate::replica::scrub::ScrubReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prune: Option<crate::replica::prune::Report>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// An intermediate progress line (the final line has none).

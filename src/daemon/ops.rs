@@ -441,6 +441,12 @@ pub fn handle(ctx: &Ctx, req: Request, progress: &mut dyn FnMut(String) -> bool)
             local,
             limit,
         } => crate::daemon::replication::scrub(ctx, backend, repair, local, limit, progress),
+        Request::Prune {
+            backend,
+            policy,
+            dry_run,
+            grace_ms,
+        } => crate::daemon::replication::prune(ctx, &backend, policy, dry_run, grace_ms, progress),
         Request::Stat => match crate::daemon::report::stat(&ctx.fs, &ctx.store_dir, ctx.chunk_size)
         {
             Ok(s) => Response {

@@ -1,5 +1,5 @@
 //! Operator requests about backends and replication: `backend add|list|remove`, `status`,
-//! `scrub`.
+//! `scrub`, `backend prune`.
 //! With a running daemon they act on its replicator (a new backend starts uploading at
 //! once); without one, on the store directly (the queue fills; uploads start at the next
 //! mount).
@@ -21,6 +21,13 @@ pub struct BackendInfo {
     pub region: Option<String>,
     pub limit_bytes_per_sec: Option<u64>,
     pub has_credentials: bool,
+    /// The retention `backend prune` applies (null: keep every snapshot).
+    #[serde(default)]
+    pub keep: Option<crate::fs::keep::Policy>,
+    #[serde(default)]
+    pub append_only: bool,
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 impl From<&BackendConfig> for BackendInfo {
@@ -33,6 +40,9 @@ impl From<&BackendConfig> for BackendInfo {
             region: c.region.clone(),
             limit_bytes_per_sec: c.limit_bytes_per_sec,
             has_credentials: c.credentials.is_some(),
+            keep: c.keep,
+            append_only: c.append_only,
+            encrypted: c.encryption_key.is_some(),
         }
     }
 }
@@ -157,6 +167,57 @@ pub fn scrub(
         Ok(Response {
             ok: true,
             scrub: Some(rep),
+            ..Default::default()
+        })
+    })();
+    r.unwrap_or_else(Response::fail)
+}
+
+/// `backend prune` of one of the store's backends: refused for an append-only one; the
+/// policy given, else the backend's own. Without a running lane the store is reconciled with
+/// the backend here; a running lane does it at its next look at `prune/state`.
+pub fn prune(
+    ctx: &Ctx,
+    backend: &str,
+    policy: Option<crate::fs::keep::Policy>,
+    dry_run: bool,
+    grace_ms: u64,
+    progress: &mut dyn FnMut(String) -> bool,
+) -> Response {
+    use crate::replica::prune;
+    let r: Result<Response, String> = (|| {
+        let cfg = crate::replica::configured(&ctx.fs, &ctx.store_dir)?
+            .into_iter()
+            .find(|c| c.name == backend)
+            .ok_or_else(|| format!("this store has no backend named {backend}"))?;
+        if cfg.append_only && !dry_run {
+            return Err(format!(
+                "backend {backend} is append-only: snapfs on this host never deletes from it; \
+                 prune it from a trusted host with `snapfs backend prune --from SPEC`"
+            ));
+        }
+        let lane = ctx
+            .replicator
+            .as_ref()
+            .and_then(|r| r.lanes().into_iter().find(|l| l.id == cfg.id));
+        let b: std::sync::Arc<dyn crate::replica::backend::Backend> = match &lane {
+            Some(l) => l.backend.clone(),
+            None => std::sync::Arc::from(crate::replica::backend::config::open(&cfg)?),
+        };
+        let o = prune::Options {
+            policy: policy.or(cfg.keep).unwrap_or_default(),
+            dry_run,
+            grace: std::time::Duration::from_millis(grace_ms),
+        };
+        let rep = prune::run(b.as_ref(), &o, &mut |m| {
+            progress(m);
+        })?;
+        if lane.is_none() && !dry_run {
+            prune::gate::resync(&ctx.fs, cfg.id, b.as_ref(), Some(rep.generation))?;
+        }
+        Ok(Response {
+            ok: true,
+            prune: Some(rep),
             ..Default::default()
         })
     })();

@@ -7,7 +7,15 @@ use std::sync::Arc;
 use super::{Fs, Txn};
 use crate::error::Result;
 use crate::storage::engine::{Batch, Cf};
-use crate::storage::keys::{self, QueueEntry, ReplSnap};
+use crate::storage::keys::{self, ChunkId, QueueEntry, ReplSnap};
+
+/// What [`Fs::reconcile_replica`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub absent_chunks: u64,
+    pub forgotten_metas: u64,
+    pub pruned_snapshots: Vec<String>,
+}
 
 fn backfilled_counter(id: u32) -> String {
     format!("repl_backfilled_{id}")
@@ -119,6 +127,182 @@ impl Fs {
             .is_some())
     }
 
+    /// The last prune generation of backend `id` this store reconciled with (0: none).
+    pub fn replica_pruned_generation(&self, id: u32) -> Result<u64> {
+        let k = keys::repl_key(keys::P_REPL_PRUNED, id, &[]);
+        Ok(self
+            .eng
+            .get(Cf::Meta, &k)?
+            .filter(|v| v.len() == 8)
+            .map_or(0, |v| keys::le_u64(&v)))
+    }
+
+    /// Whether any chunk is recorded as pruned from backend `id` (`47 id`).
+    pub fn replica_has_absent(&self, id: u32) -> Result<bool> {
+        let prefix = keys::repl_key(keys::P_REPL_ABSENT, id, &[]);
+        Ok(self.eng.seek(Cf::Meta, &prefix, &prefix)?.is_some())
+    }
+
+    pub fn replica_chunk_absent(&self, id: u32, chunk: &ChunkId) -> Result<bool> {
+        self.eng
+            .exists(Cf::Meta, &keys::repl_key(keys::P_REPL_ABSENT, id, chunk))
+    }
+
+    /// Brings the store's records of backend `id` in line with what the backend holds after
+    /// a prune (its listing, as the predicates): chunks the store holds and the backend lost
+    /// are recorded absent (`47`), so that the next snapshot that needs them queues them
+    /// again; metadata objects it lost are forgotten (`42`), so that they are uploaded again;
+    /// complete snapshots whose marker is gone are marked pruned. With `generation`, records
+    /// it as reconciled (`46`). Runs beside writers and uploads: a chunk sealed meanwhile is
+    /// queued by its own batch, one uploaded meanwhile is at worst uploaded once more.
+    pub fn reconcile_replica(
+        &self,
+        id: u32,
+        chunk_present: &dyn Fn(&ChunkId) -> bool,
+        meta_present: &dyn Fn(&[u8; 32]) -> bool,
+        marker_present: &dyn Fn(&str) -> bool,
+        generation: Option<u64>,
+    ) -> Result<Reconciled> {
+        let mut r = Reconciled::default();
+        self.delete_prefix(&keys::repl_key(keys::P_REPL_ABSENT, id, &[]))?;
+        let mut from = vec![keys::P_REFCOUNT];
+        loop {
+            let page: Vec<(Vec<u8>, Vec<u8>)> = self
+                .eng
+                .reader()?
+                .scan(Cf::Meta, &[keys::P_REFCOUNT], &from)
+                .take(4096)
+                .collect::<Result<_>>()?;
+            let Some((last, _)) = page.last() else { break };
+            from = keys::prefix_end(last);
+            let mut b = Batch::new();
+            for (k, v) in &page {
+                let live = super::txn::decode_ref(v).is_some_and(|(count, _, _)| count > 0);
+                let chunk: ChunkId = k[1..33].try_into().expect("32-byte id");
+                if live && !chunk_present(&chunk) {
+                    let ak = keys::repl_key(keys::P_REPL_ABSENT, id, &chunk);
+                    self.eng.put(&mut b, Cf::Meta, &ak, &[]);
+                    r.absent_chunks += 1;
+                }
+            }
+            self.eng.write(b, false)?;
+        }
+        let prefix = keys::repl_key(keys::P_REPL_META, id, &[]);
+        let mut from = prefix.clone();
+        loop {
+            let page: Vec<Vec<u8>> = self
+                .eng
+                .reader()?
+                .scan(Cf::Meta, &prefix, &from)
+                .take(4096)
+                .map(|x| x.map(|(k, _)| k))
+                .collect::<Result<_>>()?;
+            let Some(last) = page.last() else { break };
+            from = keys::prefix_end(last);
+            let mut b = Batch::new();
+            for k in &page {
+                let gone = <[u8; 32]>::try_from(&k[5..]).map_or(true, |h| !meta_present(&h));
+                if gone {
+                    self.eng.delete(&mut b, Cf::Meta, k);
+                    r.forgotten_metas += 1;
+                }
+            }
+            self.eng.write(b, false)?;
+        }
+        // Under the lock that snapshot deletion takes, so that no record is brought back.
+        let _meta = self.meta.lock();
+        let prefix = keys::repl_key(keys::P_REPL_SNAP, id, &[]);
+        let records: Vec<(Vec<u8>, Vec<u8>)> = self
+            .eng
+            .reader()?
+            .scan(Cf::Meta, &prefix, &prefix)
+            .collect::<Result<_>>()?;
+        let mut b = Batch::new();
+        for (k, v) in records {
+            let Some(mut s) = ReplSnap::decode(&v) else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&k[5..]).into_owned();
+            if s.completed_ms > 0 && !s.pruned && !marker_present(&name) {
+                s.pruned = true;
+                self.eng.put(&mut b, Cf::Meta, &k, &s.encode());
+                r.pruned_snapshots.push(name);
+            }
+        }
+        if let Some(g) = generation {
+            let k = keys::repl_key(keys::P_REPL_PRUNED, id, &[]);
+            self.eng.put(&mut b, Cf::Meta, &k, &g.to_le_bytes());
+        }
+        self.eng.write(b, true)?;
+        Ok(r)
+    }
+
+    /// Queues again, for backend `id`, the chunks of `chunks` that a prune removed from it
+    /// and the store still holds, and moves snapshot `name`'s barrier past them, in one
+    /// batch. Returns the number queued.
+    pub fn requeue_absent(&self, id: u32, name: &str, chunks: &[ChunkId]) -> Result<u64> {
+        let mut meta = self.meta.lock();
+        let mut txn = Txn::new(self);
+        let mut seq = meta.repl_seq;
+        let now = super::now_ms();
+        for c in chunks {
+            let ak = keys::repl_key(keys::P_REPL_ABSENT, id, c);
+            if !self.eng.exists(Cf::Meta, &ak)? {
+                continue;
+            }
+            txn.delete_raw(&ak);
+            let held = self.eng.get(Cf::Meta, &keys::refcount_key(c))?;
+            let Some((count, _, stored)) = held.as_deref().and_then(super::txn::decode_ref) else {
+                continue;
+            };
+            if count == 0 {
+                continue;
+            }
+            seq += 1;
+            let e = QueueEntry {
+                id: *c,
+                sealed_ms: now,
+                stored_len: stored,
+            };
+            txn.put_raw(&keys::queue_key(id, seq), &e.encode());
+        }
+        let queued = seq - meta.repl_seq;
+        let k = keys::repl_key(keys::P_REPL_SNAP, id, name.as_bytes());
+        if let Some(mut s) = self
+            .eng
+            .get(Cf::Meta, &k)?
+            .as_deref()
+            .and_then(ReplSnap::decode)
+        {
+            s.barrier_seq = s.barrier_seq.max(seq);
+            txn.put_raw(&k, &s.encode());
+        }
+        txn.put_counter("repl_seq", seq);
+        txn.commit(&mut meta, true)?;
+        meta.repl_seq = seq;
+        Ok(queued)
+    }
+
+    fn delete_prefix(&self, prefix: &[u8]) -> Result<()> {
+        loop {
+            let page: Vec<Vec<u8>> = self
+                .eng
+                .reader()?
+                .scan(Cf::Meta, prefix, prefix)
+                .take(4096)
+                .map(|r| r.map(|(k, _)| k))
+                .collect::<Result<_>>()?;
+            if page.is_empty() {
+                return Ok(());
+            }
+            let mut b = Batch::new();
+            for k in &page {
+                self.eng.delete(&mut b, Cf::Meta, k);
+            }
+            self.eng.write(b, false)?;
+        }
+    }
+
     /// Removes backend `id` from the store with everything queued or recorded for it.
     pub fn remove_replica(&self, id: u32) -> Result<()> {
         {
@@ -139,26 +323,11 @@ impl Fs {
             keys::P_REPL_META,
             keys::P_REPL_BAD,
             keys::P_REPL_HEAL,
+            keys::P_REPL_PRUNED,
+            keys::P_REPL_ABSENT,
         ];
         for p in prefixes {
-            let prefix = keys::repl_key(p, id, &[]);
-            loop {
-                let page: Vec<Vec<u8>> = self
-                    .eng
-                    .reader()?
-                    .scan(Cf::Meta, &prefix, &prefix)
-                    .take(4096)
-                    .map(|r| r.map(|(k, _)| k))
-                    .collect::<Result<_>>()?;
-                if page.is_empty() {
-                    break;
-                }
-                let mut b = Batch::new();
-                for k in &page {
-                    self.eng.delete(&mut b, Cf::Meta, k);
-                }
-                self.eng.write(b, false)?;
-            }
+            self.delete_prefix(&keys::repl_key(p, id, &[]))?;
         }
         self.eng.sync()
     }

@@ -12,6 +12,7 @@
 //! | 3    | `meta/HH/<hash hex>`         | a file map: `(index, chunk id, length)` per chunk |
 //! | 4    | `snapshots/<name>`           | a snapshot's completion marker, written last     |
 //! | 5    | `snapfs-repository`          | the repository descriptor, written first         |
+//! | 6    | `prune/state`                | the prune generation and phase (replica/prune)   |
 //!
 //! A metadata object's name is the blake3 hash of the whole object (header included), so it
 //! is verified by its name and an unchanged directory or file map is never uploaded twice.
@@ -31,12 +32,15 @@ pub const KIND_TREE: u8 = 2;
 pub const KIND_MAP: u8 = 3;
 pub const KIND_MARKER: u8 = 4;
 pub const KIND_REPO: u8 = 5;
+pub const KIND_PRUNE: u8 = 6;
 
 const CODEC_NONE: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const CRYPT_NONE: u8 = 0;
 
 pub const REPO_NAME: &str = "snapfs-repository";
+/// Objects of prune's protocol (`replica::prune`), named in the clear on every backend.
+pub const PRUNE_PREFIX: &str = "prune/";
 /// Decompressed metadata objects larger than this are refused (a bomb guard).
 const MAX_META_BYTES: usize = 256 << 20;
 const MAX_ENTRIES: usize = 4 << 20;
@@ -61,11 +65,32 @@ pub fn meta_name(hash: &Hash) -> String {
 /// Listing prefixes that together cover every object of a repository, each a small part of
 /// it (a heal or scrub holds one part's names at a time).
 pub fn listing_prefixes() -> Vec<String> {
-    let mut v = vec![REPO_NAME.to_string(), "snapshots/".to_string()];
+    let mut v = vec![
+        REPO_NAME.to_string(),
+        PRUNE_PREFIX.to_string(),
+        "snapshots/".to_string(),
+    ];
     for top in ["meta", "chunks"] {
         v.extend((0..=255u8).map(|b| format!("{top}/{b:02x}/")));
     }
     v
+}
+
+/// The hash in a `chunks/HH/<hex>` or `meta/HH/<hex>` name, if it is one.
+pub fn hash_of_name(name: &str) -> Option<Hash> {
+    let (top, rest) = name.split_once('/')?;
+    if top != "chunks" && top != "meta" {
+        return None;
+    }
+    let (part, h) = rest.split_once('/')?;
+    if h.len() != 64 || part != &h[..2] {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 pub fn marker_name(snapshot: &str) -> String {
@@ -86,7 +111,7 @@ fn bad<T>(msg: impl Into<String>) -> Result<T, BadObject> {
     Err(BadObject(msg.into()))
 }
 
-fn header(kind: u8, codec: u8) -> Vec<u8> {
+pub(crate) fn header(kind: u8, codec: u8) -> Vec<u8> {
     header_with_room(kind, codec, 56)
 }
 
@@ -184,13 +209,13 @@ pub fn open_meta(hash: &Hash, kind: u8, obj: &[u8]) -> Result<Vec<u8>, BadObject
     open(obj, kind)
 }
 
-fn with_trailer(mut v: Vec<u8>) -> Vec<u8> {
+pub(crate) fn with_trailer(mut v: Vec<u8>) -> Vec<u8> {
     let sum = *blake3::hash(&v).as_bytes();
     v.extend_from_slice(&sum);
     v
 }
 
-fn open_trailed(obj: &[u8], kind: u8) -> Result<Vec<u8>, BadObject> {
+pub(crate) fn open_trailed(obj: &[u8], kind: u8) -> Result<Vec<u8>, BadObject> {
     if obj.len() < HEADER_LEN + 32 {
         return bad("object too short");
     }

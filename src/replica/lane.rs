@@ -25,6 +25,7 @@ use crate::fs::Fs;
 use crate::replica::backend::{Backend, BackendError};
 use crate::replica::format;
 use crate::replica::manifest::{Builder, Known};
+use crate::replica::prune::gate::{Gate, PruneGate};
 use crate::storage::engine::{Batch, Cf};
 use crate::storage::keys::{self, ChunkId, QueueEntry, ReplSnap};
 
@@ -37,6 +38,8 @@ const SCAN: usize = 256;
 const IDLE_POLL: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often an idle lane reads `prune/state`, to reconcile after a prune soon.
+const PRUNE_POLL: Duration = Duration::from_secs(15);
 
 /// A smooth bandwidth limit with small bursts: tokens accrue at `rate` bytes/s up to `burst`;
 /// a put takes its size and may go into debt, which the next put waits off.
@@ -140,6 +143,17 @@ pub struct Lane {
     ack_lock: Mutex<()>,
     /// Snapshots whose manifest failed, not retried before the time given.
     held_back: Mutex<HashMap<String, Instant>>,
+    /// Prune's protocol (replica/prune/gate.rs); used by the manifest thread only.
+    gate: Mutex<PruneGate>,
+    /// Why markers are held back now (a prune is sweeping), for status.
+    pub prune_wait: Mutex<Option<String>>,
+}
+
+/// What became of one attempt to complete a snapshot.
+enum Outcome {
+    Completed,
+    /// Not now: a prune sweeps, or chunks it needs were queued again.
+    Held,
 }
 
 /// The counter of bytes uploaded to backend `id`, kept in the batches that dequeue.
@@ -169,6 +183,7 @@ impl Lane {
     ) -> Arc<Lane> {
         let stats = LaneStats::default();
         let uploaded = fs.stored_counter(&uploaded_counter(id));
+        let reconciled = fs.replica_pruned_generation(id).unwrap_or(0);
         stats.uploaded_bytes.store(uploaded, Ordering::Relaxed);
         Arc::new(Lane {
             id,
@@ -185,6 +200,8 @@ impl Lane {
             threads: Mutex::new(Vec::new()),
             ack_lock: Mutex::new(()),
             held_back: Mutex::new(HashMap::new()),
+            gate: Mutex::new(PruneGate::new(reconciled)),
+            prune_wait: Mutex::new(None),
         })
     }
 
@@ -449,6 +466,7 @@ impl Lane {
         let mut last_error = String::new();
         let mut repo_written = false;
         let mut heal = Heal::new(self);
+        let mut prune_checked = Instant::now() - PRUNE_POLL;
         while !self.stopped() {
             heal.step(self);
             let r = (|| -> Result<bool, String> {
@@ -466,7 +484,15 @@ impl Lane {
                     last_error.clear();
                     continue;
                 }
-                Ok(false) => heal.run(self),
+                Ok(false) => {
+                    heal.run(self);
+                    if prune_checked.elapsed() >= PRUNE_POLL {
+                        prune_checked = Instant::now();
+                        if let Err(e) = self.gate_check(PRUNE_POLL) {
+                            self.stats.error(format!("backend {}: {e}", self.name));
+                        }
+                    }
+                }
                 Err(m) => {
                     if m != last_error {
                         self.stats.error(format!("backend {}: {m}", self.name));
@@ -489,7 +515,7 @@ impl Lane {
             let Some(s) = ReplSnap::decode(&v) else {
                 continue;
             };
-            if s.completed_ms == 0 {
+            if s.completed_ms == 0 && !s.pruned {
                 pending.push((String::from_utf8_lossy(&k[5..]).into_owned(), s));
             }
         }
@@ -506,10 +532,11 @@ impl Lane {
                 continue;
             }
             match self.complete(&name, state) {
-                Ok(()) => {
+                Ok(Outcome::Completed) => {
                     self.held_back.lock().remove(&name);
                     return Ok(true);
                 }
+                Ok(Outcome::Held) => return Ok(false),
                 Err(e) => {
                     // One snapshot that cannot complete (it needs a chunk that failed
                     // verification) does not hold back the ones after it.
@@ -526,8 +553,22 @@ impl Lane {
         }
     }
 
-    /// Uploads the manifest of snapshot `name`, then its marker, then records it complete.
-    fn complete(&self, name: &str, mut state: ReplSnap) -> Result<(), String> {
+    /// Reads `prune/state` (a cached copy younger than `max_age`); records why markers wait.
+    fn gate_check(&self, max_age: Duration) -> Result<Gate, String> {
+        let g = self
+            .gate
+            .lock()
+            .check(&self.fs, self.id, self.backend.as_ref(), max_age)?;
+        *self.prune_wait.lock() = match &g {
+            Gate::Hold(why) => Some(why.clone()),
+            Gate::Go(_) => None,
+        };
+        Ok(g)
+    }
+
+    /// Uploads the manifest of snapshot `name`, then its marker, then records it complete;
+    /// between prune's checks (replica/prune/gate.rs).
+    fn complete(&self, name: &str, mut state: ReplSnap) -> Result<Outcome, String> {
         let key = keys::repl_key(keys::P_REPL_SNAP, self.id, name.as_bytes());
         let view = match self.fs.snapshot_view(name) {
             Ok(v) => v,
@@ -536,14 +577,43 @@ impl Lane {
                 let mut b = Batch::new();
                 self.fs.eng.delete(&mut b, Cf::Meta, &key);
                 self.fs.eng.write(b, false).map_err(|e| e.to_string())?;
-                return Ok(());
+                return Ok(Outcome::Completed);
             }
         };
+        let token = match self.gate_check(Duration::from_secs(1))? {
+            Gate::Go(t) => t,
+            Gate::Hold(_) => return Ok(Outcome::Held),
+        };
         let info = self.fs.snapshot_get(name).map_err(|e| e.to_string())?;
-        let mut known = LaneKnown { lane: self };
+        let mut known = LaneKnown {
+            lane: self,
+            any_absent: self
+                .fs
+                .replica_has_absent(self.id)
+                .map_err(|e| e.to_string())?,
+        };
+        let built = Instant::now();
         let mut builder = Builder::new(&view, self.backend.as_ref(), &mut known);
         let root = builder.build()?;
         let stats = builder.stats;
+        if !builder.absent.is_empty() {
+            let absent: Vec<ChunkId> = builder.absent.iter().copied().collect();
+            let n = self
+                .fs
+                .requeue_absent(self.id, name, &absent)
+                .map_err(|e| e.to_string())?;
+            log::warn!(
+                "backend {}: snapshot {name} needs {n} chunks that a prune removed from the                  backend; queued them again",
+                self.name
+            );
+            return Ok(Outcome::Held);
+        }
+        // Right before the marker: a prune announced since the first check must see it.
+        if built.elapsed() > Duration::from_secs(1)
+            && self.gate_check(Duration::ZERO)? != Gate::Go(token)
+        {
+            return Ok(Outcome::Held);
+        }
         let marker = format::Marker {
             name: name.to_string(),
             epoch: info.epoch,
@@ -561,6 +631,15 @@ impl Lane {
         self.backend
             .put(&format::marker_name(name), &format::marker_object(&marker))
             .map_err(|e| format!("cannot write the marker of snapshot {name}: {e}"))?;
+        // And right after: a prune that began while the marker was in flight may have
+        // listed the markers without it; then the snapshot is completed again after it.
+        if self.gate_check(Duration::ZERO)? != Gate::Go(token) {
+            log::warn!(
+                "backend {}: a prune began while the marker of snapshot {name} was written;                  completing it again after the prune",
+                self.name
+            );
+            return Ok(Outcome::Held);
+        }
         let uploaded = self.stats.uploaded_bytes.load(Ordering::Relaxed);
         state.completed_ms = crate::fs::now_ms().max(state.created_ms);
         state.chunk_bytes = uploaded;
@@ -580,12 +659,14 @@ impl Lane {
             stats.uploaded,
             stats.skipped
         );
-        Ok(())
+        Ok(Outcome::Completed)
     }
 }
 
 struct LaneKnown<'a> {
     lane: &'a Lane,
+    /// Whether any chunk is recorded absent (`47`): most of the time none is.
+    any_absent: bool,
 }
 
 impl Known for LaneKnown<'_> {
@@ -611,6 +692,16 @@ impl Known for LaneKnown<'_> {
             .fs
             .eng
             .exists(Cf::Meta, &k)
+            .map_err(|e| e.to_string())
+    }
+
+    fn is_absent(&mut self, id: &ChunkId) -> Result<bool, String> {
+        if !self.any_absent {
+            return Ok(false);
+        }
+        self.lane
+            .fs
+            .replica_chunk_absent(self.lane.id, id)
             .map_err(|e| e.to_string())
     }
 }

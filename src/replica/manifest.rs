@@ -26,6 +26,11 @@ pub trait Known {
     /// A chunk that failed verification before upload: a snapshot that needs it cannot
     /// complete on this backend.
     fn is_bad_chunk(&mut self, id: &ChunkId) -> Result<bool, String>;
+    /// A chunk a prune removed from the backend while the store kept it: the caller queues
+    /// it again before the snapshot can complete.
+    fn is_absent(&mut self, _id: &ChunkId) -> Result<bool, String> {
+        Ok(false)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,6 +50,8 @@ pub struct Builder<'a> {
     /// Objects waiting for the next parallel upload.
     pending: Vec<(Hash, Vec<u8>)>,
     pub stats: Stats,
+    /// Chunks the snapshot needs that [`Known::is_absent`] says the backend lost.
+    pub absent: HashSet<ChunkId>,
 }
 
 fn fs_err(what: &str, e: impl std::fmt::Display) -> String {
@@ -60,6 +67,7 @@ impl<'a> Builder<'a> {
             seen: HashSet::new(),
             pending: Vec::new(),
             stats: Stats::default(),
+            absent: HashSet::new(),
         }
     }
 
@@ -208,6 +216,9 @@ impl<'a> Builder<'a> {
                     "inode {ino} needs chunk {}, which failed verification and was not uploaded",
                     format::hex(&m.id)
                 ));
+            }
+            if self.known.is_absent(&m.id)? {
+                self.absent.insert(m.id);
             }
             items.push(MapItem {
                 index: keys::map_index(&rec),

@@ -9,6 +9,7 @@
 //! | `status`   | the figures of `snapfs status` and the metrics                        |
 //! | `recover`  | reading a backend back: listing, rebuilding a store                   |
 //! | `scrub`    | verifying every local chunk and backend copy, repairing from good ones |
+//! | `prune/`   | backend retention: the policy's snapshots kept, the rest deleted beside uploads |
 //!
 //! It calls the core (`fs`) and the storage layer, never the FUSE adapter; the core knows of
 //! it only as backend ids whose queues it fills in its own batches (`fs/queue.rs`).
@@ -17,6 +18,7 @@ pub mod backend;
 pub mod format;
 pub mod lane;
 pub mod manifest;
+pub mod prune;
 pub mod recover;
 pub mod scrub;
 pub mod status;

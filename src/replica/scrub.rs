@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::{ChunkSource, Fs, LocalChunk, ScrubCounts};
 use crate::replica::backend::{Backend, BackendError, ShardState};
-use crate::replica::format::{self, Hash};
+use crate::replica::format;
 use crate::replica::lane::TokenBucket;
 use crate::storage::keys::ChunkId;
 
@@ -222,28 +222,19 @@ pub fn run(
 
 /// What a name says an object must be, checked.
 fn verify(name: &str, obj: &[u8]) -> Result<(), String> {
-    let hex_of = |s: &str| -> Option<Hash> {
-        let h = s.rsplit('/').next()?;
-        if h.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(out)
-    };
     let r = if name.starts_with("chunks/") {
-        let id = hex_of(name).ok_or("not a chunk name")?;
+        let id = format::hash_of_name(name).ok_or("not a chunk name")?;
         format::open_chunk(&id, obj).map(|_| ())
     } else if name.starts_with("meta/") {
-        let h = hex_of(name).ok_or("not a metadata name")?;
+        let h = format::hash_of_name(name).ok_or("not a metadata name")?;
         let kind = *obj.get(5).ok_or("too short")?;
         format::open_meta(&h, kind, obj).map(|_| ())
     } else if name.starts_with("snapshots/") {
         format::open_marker(obj).map(|_| ())
     } else if name == format::REPO_NAME {
         format::open_repo(obj).map(|_| ())
+    } else if name == crate::replica::prune::STATE_NAME {
+        crate::replica::prune::open_state(obj).map(|_| ())
     } else {
         return Err("not an object snapfs writes".into());
     };

@@ -25,6 +25,9 @@ pub struct SnapshotState {
     pub chunk_bytes: u64,
     pub meta_objects_uploaded: u32,
     pub meta_objects_skipped: u32,
+    /// It was complete here, and the backend's retention (`backend prune`) deleted it.
+    #[serde(default)]
+    pub pruned: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -62,6 +65,12 @@ pub struct BackendStatus {
     /// The members of a redundant backend (empty for dir: and s3://).
     #[serde(default)]
     pub members: Vec<MemberReport>,
+    /// Why no snapshot marker is being written now: a prune of this backend is sweeping.
+    #[serde(default)]
+    pub prune_wait: Option<String>,
+    /// The last prune generation of this backend the store reconciled with (0: none).
+    #[serde(default)]
+    pub prune_generation: u64,
 }
 
 /// Each snapshot's state on backend `id`, in the order they were taken.
@@ -106,9 +115,11 @@ pub fn backend_status(
     let mut prev_cumulative = 0u64;
     let mut last_done: Option<(f64, u64)> = None;
     for (name, s) in snapshot_states(fs, cfg.id)? {
-        let complete = s.completed_ms != 0;
-        let window = complete.then(|| s.completed_ms.saturating_sub(s.created_ms) as f64 / 1000.0);
-        let needed = if complete {
+        let was_complete = s.completed_ms != 0;
+        let complete = was_complete && !s.pruned;
+        let window =
+            was_complete.then(|| s.completed_ms.saturating_sub(s.created_ms) as f64 / 1000.0);
+        let needed = if was_complete {
             let d = s.chunk_bytes.saturating_sub(prev_cumulative);
             prev_cumulative = s.chunk_bytes;
             d
@@ -125,6 +136,7 @@ pub fn backend_status(
             chunk_bytes: needed,
             meta_objects_uploaded: s.meta_uploaded,
             meta_objects_skipped: s.meta_skipped,
+            pruned: s.pruned,
         });
     }
     let (uploaded_bytes, uploaded_chunks, throughput, failed, bad, err) = match lane {
@@ -173,6 +185,10 @@ pub fn backend_status(
             .iter()
             .any(|m| !matches!(m.state.as_str(), "ok" | "checking")),
         members,
+        prune_wait: lane.and_then(|l| l.prune_wait.lock().clone()),
+        prune_generation: fs
+            .replica_pruned_generation(cfg.id)
+            .map_err(|e| e.to_string())?,
     })
 }
 
@@ -218,6 +234,9 @@ pub fn to_text(all: &[BackendStatus]) -> String {
         if let Some(e) = &b.last_error {
             let _ = writeln!(s, "  last error: {e}");
         }
+        if let Some(w) = &b.prune_wait {
+            let _ = writeln!(s, "  PRUNE: {w}");
+        }
         if b.degraded {
             let _ = writeln!(
                 s,
@@ -243,6 +262,7 @@ pub fn to_text(all: &[BackendStatus]) -> String {
         }
         for snap in &b.snapshots {
             let st = match snap.window_seconds {
+                _ if snap.pruned => "pruned by the backend's retention".into(),
                 Some(w) => format!("complete ({w:.3} s after it was taken)"),
                 None => "pending".into(),
             };

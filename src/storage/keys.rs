@@ -46,6 +46,10 @@ pub const P_REPL_META: u8 = 0x42;
 pub const P_REPL_BAD: u8 = 0x43;
 pub const P_REPL_BACKEND: u8 = 0x44;
 pub const P_REPL_HEAL: u8 = 0x45;
+/// `46 backend` → u64 LE: the last prune generation this store reconciled with.
+pub const P_REPL_PRUNED: u8 = 0x46;
+/// `47 backend chunk-id`: a chunk the store holds that a prune removed from the backend.
+pub const P_REPL_ABSENT: u8 = 0x47;
 
 pub const TAG_TOMBSTONE: u8 = 0;
 pub const TAG_LIVE: u8 = 1;
@@ -225,10 +229,13 @@ pub struct ReplSnap {
     pub meta_skipped: u32,
     /// Hash of its root tree object (zero while pending).
     pub root: [u8; 32],
+    /// Its marker was deleted from the backend by the backend's retention (`backend prune`).
+    pub pruned: bool,
 }
 
 impl ReplSnap {
-    pub const ENCODED_LEN: usize = 72;
+    /// Records written before retention existed are 72 bytes (not pruned).
+    pub const ENCODED_LEN: usize = 73;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(Self::ENCODED_LEN);
@@ -239,11 +246,12 @@ impl ReplSnap {
         v.extend_from_slice(&self.meta_uploaded.to_le_bytes());
         v.extend_from_slice(&self.meta_skipped.to_le_bytes());
         v.extend_from_slice(&self.root);
+        v.push(self.pruned as u8);
         v
     }
 
     pub fn decode(v: &[u8]) -> Option<ReplSnap> {
-        if v.len() != Self::ENCODED_LEN {
+        if v.len() != Self::ENCODED_LEN && v.len() != Self::ENCODED_LEN - 1 {
             return None;
         }
         Some(ReplSnap {
@@ -254,6 +262,7 @@ impl ReplSnap {
             meta_uploaded: le_u32(&v[32..36]),
             meta_skipped: le_u32(&v[36..40]),
             root: v[40..72].try_into().ok()?,
+            pruned: v.get(72).is_some_and(|b| *b != 0),
         })
     }
 }

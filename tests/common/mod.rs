@@ -231,3 +231,24 @@ pub fn corrupt_blob(store: &Path, needle: &[u8]) -> bool {
     }
     hit
 }
+
+/// Every file under a `dir:` backend or member (relative names, sorted).
+pub fn dir_objects(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}

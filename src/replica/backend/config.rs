@@ -46,6 +46,13 @@ pub struct BackendConfig {
     /// backend's `snapfs-key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key: Option<Secret32>,
+    /// `--keep-*`: the snapshots `backend prune` keeps (None: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<crate::fs::keep::Policy>,
+    /// `--append-only`: snapfs on this host never deletes from the backend (prune runs from a
+    /// trusted host with `--from`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub append_only: bool,
 }
 
 /// A 32-byte key, stored as hex, never printed by Debug.
@@ -386,6 +393,8 @@ pub fn new_config(
         credentials: None,
         degrade_after_secs: None,
         encryption_key: None,
+        keep: None,
+        append_only: false,
     };
     let kind = parse_spec(spec)?;
     let has_s3 = kind
@@ -421,10 +430,14 @@ pub fn open_with_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Box<dyn Backend>, String> {
     let b = open_unencrypted(cfg, env)?;
-    match &cfg.encryption_key {
-        Some(k) => Ok(Box::new(Encrypted::new(Arc::from(b), &k.bytes()?))),
-        None => Ok(b),
-    }
+    let b = match &cfg.encryption_key {
+        Some(k) => Box::new(Encrypted::new(Arc::from(b), &k.bytes()?)),
+        None => b,
+    };
+    Ok(match cfg.append_only {
+        true => Box::new(super::AppendOnly(b)),
+        false => b,
+    })
 }
 
 /// The backend without its encryption layer (what holds `snapfs-key`).

@@ -108,6 +108,50 @@ pub trait Backend: Send + Sync {
 
 pub use redundant::ShardState;
 
+/// An `--append-only` backend as a store opens it: every delete is refused, whatever asks.
+/// (Storage-side permissions are what protects it from a host that is itself compromised:
+/// docs/replication.md, "Append-only backends".)
+pub struct AppendOnly(pub Box<dyn Backend>);
+
+impl Backend for AppendOnly {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        self.0.put(name, data)
+    }
+    fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
+        self.0.get(name)
+    }
+    fn exists(&self, name: &str) -> Result<bool, BackendError> {
+        self.0.exists(name)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, name: &str) -> Result<(), BackendError> {
+        Err(BackendError::Permanent(format!(
+            "{}: refusing to delete {name}: the backend is append-only for this store",
+            self.0.describe()
+        )))
+    }
+    fn members(&self) -> Vec<MemberReport> {
+        self.0.members()
+    }
+    fn needs_heal(&self) -> bool {
+        self.0.needs_heal()
+    }
+    fn mark_needs_heal(&self, known_missing: bool) {
+        self.0.mark_needs_heal(known_missing)
+    }
+    fn heal(&self, prefixes: &[String]) -> Result<u64, BackendError> {
+        self.0.heal(prefixes)
+    }
+    fn inspect(&self, name: &str, repair: bool) -> Result<Inspection, BackendError> {
+        self.0.inspect(name, repair)
+    }
+}
+
 /// One member of a redundant backend, as `snapfs status` shows it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MemberReport {

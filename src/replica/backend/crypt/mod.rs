@@ -140,7 +140,7 @@ impl Encrypted {
     /// The name an object is stored under.
     pub fn stored_name(&self, name: &str) -> Result<String, BackendError> {
         check_name(name)?;
-        if name == format::REPO_NAME {
+        if name == format::REPO_NAME || name.starts_with(format::PRUNE_PREFIX) {
             return Ok(name.to_string());
         }
         for (top, domain) in [("chunks/", b'c'), ("meta/", b'm')] {
@@ -172,7 +172,7 @@ impl Encrypted {
 
     /// The logical name of a stored one; None for what this layer did not write.
     pub fn logical_name(&self, stored: &str) -> Option<String> {
-        if stored == format::REPO_NAME {
+        if stored == format::REPO_NAME || stored.starts_with(format::PRUNE_PREFIX) {
             return Some(stored.to_string());
         }
         for (top, domain) in [("chunks/", b'c'), ("meta/", b'm')] {
