@@ -139,7 +139,7 @@ cmd_drill() {
   local mib=${1:-512} tmp passed=0 failed=0
   [ -x "$SNAPFS_BIN" ] || die "build snapfs first ($SNAPFS_BIN)"
   tmp=$(mktemp -d /var/tmp/snapfs-cluster.XXXXXX)
-  trap "umount -l '$tmp/mnt' 2>/dev/null; '$here/garage-cluster.sh' stop '$tmp/cluster' || true; rm -rf '$tmp'" EXIT
+  trap "umount -l '$tmp/mnt' 2>/dev/null || true; '$here/garage-cluster.sh' stop '$tmp/cluster' || true; rm -rf '$tmp'" EXIT
   check() { local name=$1; shift; if "$@"; then passed=$((passed + 1)); echo "ok   $name"; else failed=$((failed + 1)); echo "FAIL $name"; fi; }
   cmd_start "$tmp/cluster"
   . "$tmp/cluster/env"
