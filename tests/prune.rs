@@ -19,32 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{bin, cli, dir_objects as objects, ok, seeded_bytes as bytes, Mount};
+use common::{
+    bin, cli, dir_objects as objects, file_hashes as tree, ok, seeded_bytes as bytes, Mount,
+};
 
 /// Path -> blake3 of a tree's regular files.
 type Files = BTreeMap<String, String>;
-
-/// Path -> blake3 of every regular file under `root` (`.snapshots` left out).
-fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            if rel == ".snapshots" {
-                continue;
-            }
-            if fs::symlink_metadata(&p).unwrap().is_dir() {
-                stack.push(p);
-            } else {
-                let h = blake3::hash(&fs::read(&p).unwrap()).to_hex().to_string();
-                out.insert(rel, h);
-            }
-        }
-    }
-    out
-}
 
 fn status(mnt: &Path, backend: &str) -> serde_json::Value {
     let out = ok(&["status", mnt.to_str().unwrap(), "--json"]);

@@ -14,13 +14,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, cli, dir_objects as objects, ok, seeded_bytes as bytes, Mount};
+use common::{
+    bin, cli, dir_objects as objects, file_hashes as tree, ok, seeded_bytes as bytes, Mount,
+};
 
 fn write_files(root: &Path, tag: &str, seed: u64) {
     let dir = root.join(tag);
@@ -32,29 +33,6 @@ fn write_files(root: &Path, tag: &str, seed: u64) {
         fs::File::open(&p).unwrap().sync_all().unwrap();
     }
     fs::write(dir.join("small.json"), format!("{{\"tag\": \"{tag}\"}}")).unwrap();
-}
-
-/// Path -> blake3 of every regular file under `root` (`.snapshots` left out).
-fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            if rel == ".snapshots" {
-                continue;
-            }
-            let md = fs::symlink_metadata(&p).unwrap();
-            if md.is_dir() {
-                stack.push(p);
-            } else {
-                let h = blake3::hash(&fs::read(&p).unwrap()).to_hex().to_string();
-                out.insert(rel, h);
-            }
-        }
-    }
-    out
 }
 
 fn status(mnt: &Path) -> serde_json::Value {

@@ -252,7 +252,8 @@ pub fn wait(
                 Some(s) if s.complete => {}
                 Some(s) if s.pruned => {
                     return Err(format!(
-                        "snapshot {name} was complete on backend {} and has been deleted there                          by its retention policy (backend prune)",
+                        "snapshot {name} was complete on backend {} and has been deleted there \
+                         by its retention policy (backend prune)",
                         b.name
                     ))
                 }

@@ -25,7 +25,7 @@ use crate::fs::Fs;
 use crate::replica::backend::{Backend, BackendError};
 use crate::replica::format;
 use crate::replica::manifest::{Builder, Known};
-use crate::replica::prune::gate::{Gate, PruneGate};
+use crate::replica::prune::gate::{Gate, PruneGate, Token};
 use crate::storage::engine::{Batch, Cf};
 use crate::storage::keys::{self, ChunkId, QueueEntry, ReplSnap};
 
@@ -523,6 +523,8 @@ impl Lane {
         pending.sort_by_key(|(_, s)| s.barrier_seq);
         let head = self.queue_head()?;
         let mut first_error = None;
+        // prune/state is read once per pass, and only once a snapshot is ready to complete.
+        let mut token = None;
         for (name, state) in pending {
             if head.is_some_and(|h| h <= state.barrier_seq) {
                 break; // this one's chunks, and every later one's, are still queued
@@ -531,7 +533,14 @@ impl Lane {
             if self.held_back.lock().get(&name).is_some_and(|t| *t > now) {
                 continue;
             }
-            match self.complete(&name, state) {
+            let t = match token {
+                Some(t) => t,
+                None => match self.gate_check(Duration::from_secs(1))? {
+                    Gate::Go(t) => *token.insert(t),
+                    Gate::Hold(_) => return Ok(false),
+                },
+            };
+            match self.complete(&name, state, t) {
                 Ok(Outcome::Completed) => {
                     self.held_back.lock().remove(&name);
                     return Ok(true);
@@ -567,8 +576,9 @@ impl Lane {
     }
 
     /// Uploads the manifest of snapshot `name`, then its marker, then records it complete;
-    /// between prune's checks (replica/prune/gate.rs).
-    fn complete(&self, name: &str, mut state: ReplSnap) -> Result<Outcome, String> {
+    /// `token` is what prune's gate said before (replica/prune/gate.rs), checked again
+    /// around the marker.
+    fn complete(&self, name: &str, mut state: ReplSnap, token: Token) -> Result<Outcome, String> {
         let key = keys::repl_key(keys::P_REPL_SNAP, self.id, name.as_bytes());
         let view = match self.fs.snapshot_view(name) {
             Ok(v) => v,
@@ -579,10 +589,6 @@ impl Lane {
                 self.fs.eng.write(b, false).map_err(|e| e.to_string())?;
                 return Ok(Outcome::Completed);
             }
-        };
-        let token = match self.gate_check(Duration::from_secs(1))? {
-            Gate::Go(t) => t,
-            Gate::Hold(_) => return Ok(Outcome::Held),
         };
         let info = self.fs.snapshot_get(name).map_err(|e| e.to_string())?;
         let mut known = LaneKnown {
@@ -603,7 +609,8 @@ impl Lane {
                 .requeue_absent(self.id, name, &absent)
                 .map_err(|e| e.to_string())?;
             log::warn!(
-                "backend {}: snapshot {name} needs {n} chunks that a prune removed from the                  backend; queued them again",
+                "backend {}: snapshot {name} needs {n} chunks that a prune removed from the \
+                 backend; queued them again",
                 self.name
             );
             return Ok(Outcome::Held);
@@ -635,7 +642,8 @@ impl Lane {
         // listed the markers without it; then the snapshot is completed again after it.
         if self.gate_check(Duration::ZERO)? != Gate::Go(token) {
             log::warn!(
-                "backend {}: a prune began while the marker of snapshot {name} was written;                  completing it again after the prune",
+                "backend {}: a prune began while the marker of snapshot {name} was written; \
+                 completing it again after the prune",
                 self.name
             );
             return Ok(Outcome::Held);

@@ -252,3 +252,27 @@ pub fn dir_objects(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Path -> blake3 (hex) of every regular file under `root`, `.snapshots` left out.
+pub fn file_hashes(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if rel == ".snapshots" {
+                continue;
+            }
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                let h = blake3::hash(&std::fs::read(&p).unwrap())
+                    .to_hex()
+                    .to_string();
+                out.insert(rel, h);
+            }
+        }
+    }
+    out
+}

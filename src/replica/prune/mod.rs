@@ -334,9 +334,11 @@ fn run_inner<'a>(
         })
         .collect();
     let (kept, dropped) = if o.policy.is_empty() {
-        let mut all: Vec<_> = markers.iter().rev().map(|m| m.name.clone()).collect();
-        all.dedup();
-        (all, Vec::new())
+        // Newest first, as `select` orders them; names are unique (one marker each).
+        (
+            markers.iter().rev().map(|m| m.name.clone()).collect(),
+            Vec::new(),
+        )
     } else {
         keep::select(&cands, &o.policy)
     };
