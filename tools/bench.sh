@@ -20,19 +20,26 @@ options:
   --size-mib N      file size for p1/read/dedup (default 1024)
   --files N         file count for p7 (default 10000)
   --native-only     skip the snapfs side (harness smoke test)
+  --sides LIST      comma-separated sides, native first (default native,snapfs); also
+                    copy and passthrough: benches/fuse_ceiling.rs, the FUSE transport's own
+                    ceiling (needs BENCH_CEILING=its binary, `cargo bench --bench
+                    fuse_ceiling --no-run` prints the path)
+  --allow-tmpfs     allow --workdir on tmpfs (/dev/shm: the software's ceiling, no disk)
   --threads N       pass --threads N to `snapfs mount`
   --workdir DIR     where test dirs and stores live (default /var/tmp/snapfs-bench)
   --results DIR     results dir (default WORKDIR/results/YYYYmmdd-HHMMSS)
 env: SNAPFS_BIN (default ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs),
      SNAPFS_MOUNT_OPTS (extra `snapfs mount` arguments, e.g. "--chunk-size 4194304"),
-     BENCH_DATA=bf16 (checkpoint-like data, zstd -1 saves about 12%; default incompressible)
+     BENCH_DATA=bf16 (checkpoint-like data, zstd -1 saves about 12%; default incompressible),
+     BENCH_READAHEAD_KB=N (set the snapfs mount's read_ahead_kb after mounting; read bench),
+     SNAPFS_MAX_WRITE / SNAPFS_WRITEBACK_CACHE (passed to the daemon; docs/benchmarks.md)
 Must run as root (drop_caches). Refuses to run with less than 8 GiB free.
 EOF
 }
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CMDLINE=$(printf '%q ' "$0" "$@")
-RUNS=5 SIZE_MIB=1024 FILES=10000 NATIVE_ONLY=0 THREADS=""
+RUNS=5 SIZE_MIB=1024 FILES=10000 NATIVE_ONLY=0 THREADS="" SIDES_ARG="" ALLOW_TMPFS=0
 WORK=/var/tmp/snapfs-bench RESULTS=""
 SNAPFS="(native only)"
 MIN_FREE_GIB=8
@@ -52,6 +59,8 @@ while (($#)); do
         --files) FILES=$2; shift ;;
         --native-only) NATIVE_ONLY=1 ;;
         --threads) THREADS=$2; shift ;;
+        --sides) SIDES_ARG=$2; shift ;;
+        --allow-tmpfs) ALLOW_TMPFS=1 ;;
         --workdir) WORK=$2; shift ;;
         --results) RESULTS=$2; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -70,7 +79,7 @@ command -v python3 >/dev/null || die "python3 not found"
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 fstype=$(df --output=fstype "$WORK" | tail -n1 | tr -d ' ')
-[[ $fstype != tmpfs && $fstype != ramfs ]] ||
+[[ $fstype != tmpfs && $fstype != ramfs ]] || ((ALLOW_TMPFS)) ||
     die "$WORK is on $fstype; the native baseline must be on the real disk (use --workdir)"
 # A snapfs store may keep deleted data until compaction: allow (RUNS+2) files x2.
 need_mib=$(((RUNS + 2) * SIZE_MIB * 2))
@@ -82,10 +91,22 @@ avail_mib=$(($(df -B1M --output=avail "$WORK" | tail -n1)))
 SIDES=(native snapfs)
 if ((NATIVE_ONLY)); then
     SIDES=(native)
-else
-    SNAPFS=$(snapfs_bin) || die "no snapfs binary (build it, set SNAPFS_BIN, or use --native-only)"
-    require_fuse >/dev/null || die "/dev/fuse missing"
+elif [[ -n $SIDES_ARG ]]; then
+    IFS=, read -r -a SIDES <<<"$SIDES_ARG"
+    [[ ${SIDES[0]} == native ]] || die "--sides must start with native (the baseline)"
 fi
+has_side() { local s; for s in "${SIDES[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
+for side in "${SIDES[@]}"; do
+    [[ $side =~ ^(native|snapfs|copy|passthrough)$ ]] || die "unknown side: $side"
+    [[ ! $side =~ ^(copy|passthrough)$ || -x ${BENCH_CEILING:-} ]] ||
+        die "side $side needs BENCH_CEILING=path of the fuse_ceiling bench binary"
+done
+if has_side snapfs; then
+    SNAPFS=$(snapfs_bin) || die "no snapfs binary (build it, set SNAPFS_BIN, or use --native-only)"
+fi
+((${#SIDES[@]} == 1)) || require_fuse >/dev/null || die "/dev/fuse missing"
+NATIVE_ONLY=0
+has_side snapfs || NATIVE_ONLY=1   # from here on: "no snapfs mount"
 
 RESULTS=${RESULTS:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$RESULTS"
@@ -106,6 +127,9 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
     echo "runs=$RUNS size_mib=$SIZE_MIB files=$FILES threads=${THREADS:-default} workdir=$WORK"
     echo "SNAPFS_MOUNT_OPTS=${SNAPFS_MOUNT_OPTS:-}"
     echo "BENCH_DATA=${BENCH_DATA:-random}"
+    echo "sides: ${SIDES[*]}"
+    echo "SNAPFS_MAX_WRITE=${SNAPFS_MAX_WRITE:-} SNAPFS_WRITEBACK_CACHE=${SNAPFS_WRITEBACK_CACHE:-} BENCH_READAHEAD_KB=${BENCH_READAHEAD_KB:-}"
+    [[ -z ${BENCH_CEILING:-} ]] || echo "ceiling: $BENCH_CEILING"
     echo; echo "\$ uname -a"; uname -a
     echo "\$ nproc"; nproc
     echo "\$ free -g"; free -g
@@ -120,6 +144,33 @@ echo
 snap_mount() {   # STORE MNT LOG (one mount at a time: lib-mount.sh tracks one pid)
     snapfs_start "$1" "$2" "$3" ${THREADS:+--threads "$THREADS"} ||
         die "snapfs mount $1 $2 failed (log: $3)"
+    if [[ -n ${BENCH_READAHEAD_KB:-} ]]; then
+        local dev
+        dev=$(mountpoint -d "$2") || die "mountpoint -d $2 failed"
+        echo "$BENCH_READAHEAD_KB" >"/sys/class/bdi/$dev/read_ahead_kb" ||
+            die "cannot set read_ahead_kb of $2"
+    fi
+}
+
+declare -A CEIL_PID=()   # side -> pid of its fuse_ceiling daemon
+ceil_mount() {   # SIDE BACKING MNT LOG
+    local side=$1 i
+    mkdir -p "$2" "$3"
+    "$BENCH_CEILING" "$2" "$3" ${THREADS:+--threads "$THREADS"} \
+        $([[ $side == passthrough ]] && echo --passthrough) 2>"$4" &
+    CEIL_PID[$side]=$!
+    for ((i = 0; i < 100; i++)); do
+        mountpoint -q "$3" && return 0
+        kill -0 "${CEIL_PID[$side]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    die "fuse_ceiling $side did not mount $3 (log: $4)"
+}
+
+ceil_umount() {   # SIDE MNT
+    umount "$2" || umount -l "$2" || true
+    wait "${CEIL_PID[$1]}" 2>/dev/null || true
+    unset "CEIL_PID[$1]"
 }
 
 snap_umount() {   # MNT
@@ -127,7 +178,13 @@ snap_umount() {   # MNT
         echo "bench.sh: WARNING: unclean snapfs shutdown of $1" | tee -a "$RESULTS/warnings.txt" >&2
 }
 
-cleanup() { if [[ -n ${SNAPFS_PID:-} ]]; then snapfs_stop "$SNAPFS_MNT" || true; fi; }
+cleanup() {
+    if [[ -n ${SNAPFS_PID:-} ]]; then snapfs_stop "$SNAPFS_MNT" || true; fi
+    local m
+    for m in "$WORK"/mnt-copy-* "$WORK"/mnt-passthrough-*; do
+        ! mountpoint -q "$m" 2>/dev/null || umount -l "$m" || true
+    done
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -143,6 +200,13 @@ setup() {   # BENCH: fresh native dir and fresh snapfs store + mount
         snap_mount "$WORK/store-$b" "$WORK/mnt-$b" "$RESULTS/snapfs-$b.log"
         DIR[snapfs]=$WORK/mnt-$b
     fi
+    local side
+    for side in copy passthrough; do
+        has_side "$side" || continue
+        rm -rf "$WORK/back-$side-$b"
+        ceil_mount "$side" "$WORK/back-$side-$b" "$WORK/mnt-$side-$b" "$RESULTS/$side-$b.log"
+        DIR[$side]=$WORK/mnt-$side-$b
+    done
 }
 
 teardown() {   # BENCH: record store stats, unmount, delete everything
@@ -155,6 +219,13 @@ teardown() {   # BENCH: record store stats, unmount, delete everything
         rm -rf "$WORK/store-$b"
         rmdir "$WORK/mnt-$b" 2>/dev/null || true
     fi
+    local side
+    for side in copy passthrough; do
+        has_side "$side" || continue
+        ceil_umount "$side" "$WORK/mnt-$side-$b"
+        rm -rf "$WORK/back-$side-$b"
+        rmdir "$WORK/mnt-$side-$b" 2>/dev/null || true
+    done
     rm -rf "$WORK/native-$b"
 }
 
@@ -170,11 +241,16 @@ alternate() {   # BENCH FN: warm-up, then RUNS x (native, snapfs); FN SIDE DIR R
 }
 
 # ------------------------------------------------------------- benchmarks ---
-# CPU seconds (user + system) the snapfs daemon has used so far; 0 on the native side.
+# CPU seconds (user + system) the side's FUSE daemon has used so far; 0 on the native side.
 daemon_cpu() {
-    [[ $1 == snapfs && -n ${SNAPFS_PID:-} ]] || { echo 0; return; }
+    local pid=""
+    case $1 in
+        snapfs) pid=${SNAPFS_PID:-} ;;
+        copy|passthrough) pid=${CEIL_PID[$1]:-} ;;
+    esac
+    [[ -n $pid ]] || { echo 0; return; }
     awk -v tck="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / tck }' \
-        "/proc/$SNAPFS_PID/stat"
+        "/proc/$pid/stat"
 }
 
 p1_write_once() {
@@ -185,25 +261,35 @@ p1_write_once() {
         --out "$TSV" --bench "$b" --side "$side" --run "$run"
     cpu1=$(daemon_cpu "$side")
     # The daemon's CPU from the first write to fsync's return, per GiB written.
-    [[ $side != snapfs ]] ||
-        awk -v a="$cpu0" -v b="$cpu1" -v m="$SIZE_MIB" -v r="$run" -v bn="$b" \
-            'BEGIN { printf "%s\t%s\t%.3f\n", bn, r, (b - a) * 1024 / m }' >>"$RESULTS/cpu.tsv"
+    [[ $side == native ]] ||
+        awk -v a="$cpu0" -v b="$cpu1" -v m="$SIZE_MIB" -v r="$run" -v bn="$b" -v sd="$side" \
+            'BEGIN { printf "%s\t%s\t%s\t%.3f\n", bn, sd, r, (b - a) * 1024 / m }' >>"$RESULTS/cpu.tsv"
     rm -f "$dir/checkpoint.bin"
     sync
 }
 
-cpu_summary() {   # BENCH: median daemon CPU-s/GiB over the timed runs
+cpu_summary() {   # BENCH: median daemon CPU-s/GiB over the timed runs, per side
     [[ -f $RESULTS/cpu.tsv ]] || return 0
-    awk -F'\t' -v bn="$1" '$1 == bn && $2 != "warmup" { print $3 }' "$RESULTS/cpu.tsv" | sort -n |
-        awk '{ v[NR] = $1 } END { if (NR) printf "%s: daemon CPU per GiB written (to fsync): runs %d, median %.3f s/GiB (min %.3f, max %.3f)\n", bn, NR, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2), v[1], v[NR] }' bn="$1" |
-        tee -a "$RESULTS/cpu-summary.txt"
+    local side
+    for side in "${SIDES[@]}"; do
+        [[ $side != native ]] || continue
+        awk -F'\t' -v bn="$1" -v sd="$side" '$1 == bn && $2 == sd && $3 != "warmup" { print $4 }' \
+            "$RESULTS/cpu.tsv" | sort -n |
+            awk '{ v[NR] = $1 } END { if (NR) printf "%s %s: daemon CPU per GiB written (to fsync): runs %d, median %.3f s/GiB (min %.3f, max %.3f)\n", bn, sd, NR, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2), v[1], v[NR] }' bn="$1" sd="$side" |
+            tee -a "$RESULTS/cpu-summary.txt"
+    done
 }
 
 p1_multi_once() {
-    local b=$1 side=$2 dir=$3 run=$4
+    local b=$1 side=$2 dir=$3 run=$4 cpu0 cpu1
     sync
+    cpu0=$(daemon_cpu "$side")
     io pwrite "$dir" --mib "$SIZE_MIB" --files 4 --writers 2 --seed "$(seed "$b" "$side" "$run")" \
         --out "$TSV" --bench "$b" --side "$side" --run "$run"
+    cpu1=$(daemon_cpu "$side")
+    [[ $side == native ]] ||
+        awk -v a="$cpu0" -v b="$cpu1" -v m="$SIZE_MIB" -v r="$run" -v bn="$b" -v sd="$side" \
+            'BEGIN { printf "%s\t%s\t%s\t%.3f\n", bn, sd, r, (b - a) * 1024 / m }' >>"$RESULTS/cpu.tsv"
     rm -f "$dir"/part*.bin
     sync
 }
@@ -227,7 +313,7 @@ p7_once() {
 
 bench_p1() {
     setup p1-write; alternate p1-write p1_write_once; cpu_summary p1-write; teardown p1-write
-    setup p1-multi; alternate p1-multi p1_multi_once; teardown p1-multi
+    setup p1-multi; alternate p1-multi p1_multi_once; cpu_summary p1-multi; teardown p1-multi
 }
 
 bench_read() {

@@ -177,7 +177,9 @@ def summarize(rows, bench):
     rows = [r for r in rows if r["bench"] == bench]
     unit = "files/s" if any(r["files"] for r in rows) else "MiB/s"
     prec = 0 if unit == "files/s" else 1
-    sides = [s for s in ("native", "snapfs") if any(r["side"] == s for r in rows)]
+    sides = list(dict.fromkeys(r["side"] for r in rows))
+    if "native" in sides:
+        sides = ["native"] + [s for s in sides if s != "native"]
     runs = list(dict.fromkeys(r["run"] for r in rows))
     by = {(r["side"], r["run"]): r for r in rows}
     head = "| run | " + " | ".join(f"{s} s | {s} {unit}" for s in sides) + " |"
@@ -202,11 +204,21 @@ def summarize(rows, bench):
         cells += [f"**{m['median_seconds']:.3f}**", f"**{m['median_rate']:.{prec}f}**"] \
             if m else ["", ""]
     out.append("| median | " + " | ".join(cells) + " |")
-    if "native" in med and "snapfs" in med:
-        med["ratio_snapfs_over_native"] = \
-            med["snapfs"]["median_rate"] / med["native"]["median_rate"]
-        out += ["", f"Throughput ratio snapfs/native (of medians): "
-                f"**{med['ratio_snapfs_over_native']:.2f}** (>1 = snapfs faster)"]
+    for s in sides:
+        if s == "native" or "native" not in med or s not in med:
+            continue
+        key = "ratio_snapfs_over_native" if s == "snapfs" else f"ratio_{s}_over_native"
+        med[key] = med[s]["median_rate"] / med["native"]["median_rate"]
+        # Each run's ratio against the native run just before it (the same disk mood, mostly).
+        paired = [_rate(by[(s, run)]) / _rate(by[("native", run)]) for run in runs
+                  if run != "warmup" and (s, run) in by and ("native", run) in by]
+        line = (f"Throughput ratio {s}/native (of medians): **{med[key]:.2f}** "
+                f"(>1 = {s} faster)")
+        if paired:
+            med[f"paired_{s}_over_native"] = sorted(paired)
+            line += (f"; per-run ratios {', '.join(f'{p:.2f}' for p in paired)}, "
+                     f"median **{statistics.median(paired):.2f}**")
+        out += ["", line]
     out += ["", "warmup runs are excluded from the medians.", ""]
     return "\n".join(out), med
 

@@ -252,6 +252,18 @@ impl Filesystem for FuseFs {
             let _ = config.set_max_write(max);
         }
         let _ = config.set_max_readahead(MAX_WRITE);
+        // SNAPFS_WRITEBACK_CACHE=1: the kernel's writeback cache, for the same measurements
+        // only. write(2) then returns once the bytes are in the page cache, so the daemon no
+        // longer sees every acknowledged write before a snapshot (docs/benchmarks.md).
+        if std::env::var_os("SNAPFS_WRITEBACK_CACHE").is_some_and(|v| v == "1") {
+            match config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => log::warn!(
+                    "SNAPFS_WRITEBACK_CACHE=1: kernel writeback cache on (measurement only: \
+                     snapshots may miss acknowledged writes)"
+                ),
+                Err(_) => log::warn!("SNAPFS_WRITEBACK_CACHE=1: the kernel does not offer it"),
+            }
+        }
         Ok(())
     }
 
