@@ -414,6 +414,28 @@ pub fn openat_create_excl(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// Turns O_DIRECT on or off for an open file (fcntl F_SETFL; Linux lets O_DIRECT change on
+/// an open descriptor). EINVAL: the filesystem does not support it.
+pub fn set_direct(f: &File, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a valid descriptor that `f` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    if want != flags {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, want) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// mkdirat(2): a directory `name` in `dir` with `mode` (less the umask). Never follows a
 /// symlink: an existing entry of that name, a symlink included, fails with EEXIST.
 pub fn mkdirat(dir: &File, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {

@@ -21,16 +21,18 @@ use super::{check_name, keep_listed, split_prefix, Backend, BackendError, MAX_NA
 use crate::sys;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Makes temporary file names unique within this process (the pid tells processes apart).
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub struct DirBackend {
     root: PathBuf,
+    /// Whether object bytes still go around the page cache (`direct.rs`).
+    direct: AtomicBool,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -62,6 +64,7 @@ impl DirBackend {
         }
         Ok(DirBackend {
             root: root.to_path_buf(),
+            direct: AtomicBool::new(true),
         })
     }
 
@@ -140,8 +143,9 @@ impl DirBackend {
             .unwrap_or(false)
     }
 
-    /// Writes `data` to a new temporary file in `dir`, fsynced; returns its name.
-    fn write_temp(&self, dir: &File, name: &str, data: &[u8]) -> Result<String, BackendError> {
+    /// Writes `parts`, one after the other, to a new temporary file in `dir`, fsynced;
+    /// returns its name.
+    fn write_temp(&self, dir: &File, name: &str, parts: &[&[u8]]) -> Result<String, BackendError> {
         let pid = std::process::id();
         for _ in 0..100 {
             let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +155,8 @@ impl DirBackend {
                 Err(e) if errno(&e) == libc::EEXIST => continue, // left by a dead process
                 Err(e) => return Err(map_io(&format!("creating a temporary file for {name}"), e)),
             };
-            let written = f.write_all(data).and_then(|()| f.sync_all());
+            let written =
+                super::direct::write_parts(&mut f, parts, &self.direct).and_then(|()| f.sync_all());
             if let Err(e) = written {
                 let _ = sys::unlinkat(dir, os(&tmp));
                 return Err(map_io(&format!("writing {name}"), e));
@@ -237,11 +242,15 @@ impl Backend for DirBackend {
     }
 
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        self.put_parts(name, &[data])
+    }
+
+    fn put_parts(&self, name: &str, parts: &[&[u8]]) -> Result<(), BackendError> {
         check_name(name)?;
         let (dir, last) = self
             .parent_of(name, true)?
             .expect("create never yields None");
-        let tmp = self.write_temp(&dir, name, data)?;
+        let tmp = self.write_temp(&dir, name, parts)?;
         if let Err(e) = sys::renameat(&dir, os(&tmp), os(last)) {
             let _ = sys::unlinkat(&dir, os(&tmp));
             return Err(match errno(&e) {

@@ -237,3 +237,19 @@ fn concurrent_puts_of_one_name() {
     assert!(data.contains(&got), "a whole object, never a mix");
     assert_eq!(b.list("").unwrap(), vec!["same/obj"]);
 }
+
+#[test]
+fn put_parts_stores_the_parts_joined() {
+    let (_t, b) = backend();
+    // Large parts (more than one writev may take), an empty one, and a single byte.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let parts: [&[u8]; 4] = [b"header", &big, b"", b"!"];
+    b.put_parts("chunks/ab/parts", &parts).unwrap();
+    assert_eq!(b.get("chunks/ab/parts").unwrap(), parts.concat());
+    // Replacing with fewer bytes leaves nothing of the longer object.
+    b.put_parts("chunks/ab/parts", &[b"ab", b"c"]).unwrap();
+    assert_eq!(b.get("chunks/ab/parts").unwrap(), b"abc");
+    b.put_parts("chunks/ab/none", &[]).unwrap();
+    assert_eq!(b.get("chunks/ab/none").unwrap(), b"");
+    assert!(b.put_parts("../x", &[b"a", b"b"]).is_err());
+}

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod crypt;
 pub mod dir;
+mod direct;
 pub mod mem;
 pub mod redundant;
 pub mod s3;
@@ -61,6 +62,16 @@ pub trait Backend: Send + Sync {
     /// old object or the new one, never a part) and durable when it returns Ok, to the extent
     /// each backend documents. Idempotent: putting the same bytes again is harmless.
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError>;
+    /// Stores the concatenation of `parts` as `name`, exactly as [`Backend::put`] would. A
+    /// backend that can write the parts without joining them first overrides it (`dir:`
+    /// with one vectored write: a redundant backend's envelope header and the object it
+    /// shares between members).
+    fn put_parts(&self, name: &str, parts: &[&[u8]]) -> Result<(), BackendError> {
+        match parts {
+            [one] => self.put(name, one),
+            _ => self.put(name, &parts.concat()),
+        }
+    }
     /// The whole object; [`BackendError::NotFound`] if there is none.
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError>;
     fn exists(&self, name: &str) -> Result<bool, BackendError>;
@@ -119,6 +130,9 @@ impl Backend for AppendOnly {
     }
     fn put(&self, name: &str, data: &[u8]) -> Result<(), BackendError> {
         self.0.put(name, data)
+    }
+    fn put_parts(&self, name: &str, parts: &[&[u8]]) -> Result<(), BackendError> {
+        self.0.put_parts(name, parts)
     }
     fn get(&self, name: &str) -> Result<Vec<u8>, BackendError> {
         self.0.get(name)

@@ -25,7 +25,7 @@ pub mod key;
 
 use std::sync::Arc;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 
 use super::{check_name, Backend, BackendError, Inspection, MemberReport};
@@ -212,17 +212,14 @@ impl Encrypted {
         out.extend_from_slice(&nonce);
         let mut aad = out[..HEADER].to_vec();
         aad.extend_from_slice(stored.as_bytes());
-        let ct = self
+        // Encrypted in place in the object's buffer: ciphertext then tag, as `encrypt` lays
+        // them out, without a second buffer for the ciphertext.
+        out.extend_from_slice(data);
+        let tag = self
             .seal
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: data,
-                    aad: &aad,
-                },
-            )
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut out[HEADER + NONCE..])
             .map_err(|_| BackendError::Permanent("encryption failed".into()))?;
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(&tag);
         Ok(out)
     }
 

@@ -108,8 +108,9 @@ fn in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> Option<T> + Sync) -> Vec<
     if n == 1 {
         return vec![f(0)];
     }
+    // Members 1.. on their own threads, member 0 on this one.
     std::thread::scope(|s| {
-        let hs: Vec<_> = (0..n)
+        let hs: Vec<_> = (1..n)
             .map(|i| {
                 s.spawn({
                     let f = &f;
@@ -117,7 +118,10 @@ fn in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> Option<T> + Sync) -> Vec<
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(None)).collect()
+        let mut out = Vec::with_capacity(n);
+        out.push(f(0));
+        out.extend(hs.into_iter().map(|h| h.join().unwrap_or(None)));
+        out
     })
 }
 
@@ -171,11 +175,11 @@ impl Redundant {
     fn put_members(
         &self,
         name: &str,
-        envs: &[Vec<u8>],
+        envs: &shard::Envelopes<'_>,
         which: &[bool],
     ) -> Vec<Option<Result<(), BackendError>>> {
         in_parallel(self.members.len(), |i| {
-            which[i].then(|| self.members[i].backend.put(name, &envs[i]))
+            which[i].then(|| self.members[i].backend.put_parts(name, &envs.parts(i)))
         })
     }
 

@@ -24,6 +24,7 @@
 //! reconstruction, so a bad byte is never decoded into an object. The rebuilt object must
 //! hash to `object_hash` too.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 pub const MAGIC: &[u8; 4] = b"SNPS";
@@ -86,45 +87,89 @@ pub fn shard_len(len: u64, k: u8) -> u64 {
     s + (s & 1)
 }
 
-fn envelope(layout: Layout, index: usize, len: u64, hash: &[u8; 32], payload: &[u8]) -> Vec<u8> {
+fn header(
+    layout: Layout,
+    index: usize,
+    len: u64,
+    hash: &[u8; 32],
+    payload_hash: &[u8; 32],
+) -> [u8; HEADER_LEN] {
     let (k, m) = layout.km();
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[VERSION, layout.code(), k, m, index as u8, 0, 0, 0]);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(hash);
-    out.extend_from_slice(blake3::hash(payload).as_bytes());
-    out.extend_from_slice(payload);
-    out
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..12].copy_from_slice(&[VERSION, layout.code(), k, m, index as u8, 0, 0, 0]);
+    h[12..20].copy_from_slice(&len.to_le_bytes());
+    h[20..52].copy_from_slice(hash);
+    h[52..84].copy_from_slice(payload_hash);
+    h
+}
+
+/// The envelopes of one object, one per member, in member order: a header each and a
+/// payload that borrows the object wherever it can (a mirror's every payload, an erasure
+/// code's data shards that lie wholly inside the object), so that an object is neither
+/// copied per member nor hashed more than once per byte (the mirror's payload hash is the
+/// object's hash). Members write `parts(i)` with a vectored write.
+pub struct Envelopes<'a> {
+    headers: Vec<[u8; HEADER_LEN]>,
+    payloads: Vec<Cow<'a, [u8]>>,
+}
+
+impl Envelopes<'_> {
+    /// How many envelopes: one per member.
+    pub fn members(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Member `i`'s envelope as the header and the payload, to be written one after the other.
+    pub fn parts(&self, i: usize) -> [&[u8]; 2] {
+        [&self.headers[i], &self.payloads[i]]
+    }
+
+    /// Member `i`'s envelope in one buffer.
+    pub fn joined(&self, i: usize) -> Vec<u8> {
+        self.parts(i).concat()
+    }
 }
 
 /// One envelope per member, in member order.
-pub fn encode(layout: Layout, object: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub fn encode(layout: Layout, object: &[u8]) -> Result<Envelopes<'_>, String> {
     let hash = *blake3::hash(object).as_bytes();
     let len = object.len() as u64;
     match layout {
-        Layout::Mirror { n } => Ok((0..n as usize)
-            .map(|i| envelope(layout, i, len, &hash, object))
-            .collect()),
+        Layout::Mirror { n } => Ok(Envelopes {
+            headers: (0..n as usize)
+                .map(|i| header(layout, i, len, &hash, &hash))
+                .collect(),
+            payloads: vec![Cow::Borrowed(object); n as usize],
+        }),
         Layout::Ec { k, m } => {
             let s = shard_len(len, k) as usize;
-            let data: Vec<Vec<u8>> = (0..k as usize)
+            let data: Vec<Cow<'_, [u8]>> = (0..k as usize)
                 .map(|i| {
-                    let mut d = vec![0u8; s];
                     let from = (i * s).min(object.len());
                     let to = ((i + 1) * s).min(object.len());
-                    d[..to - from].copy_from_slice(&object[from..to]);
-                    d
+                    if to - from == s {
+                        Cow::Borrowed(&object[from..to])
+                    } else {
+                        // The last shards: the object's tail, zero-padded.
+                        let mut d = vec![0u8; s];
+                        d[..to - from].copy_from_slice(&object[from..to]);
+                        Cow::Owned(d)
+                    }
                 })
                 .collect();
             let parity = reed_solomon_simd::encode(k as usize, m as usize, &data)
                 .map_err(|e| format!("erasure coding failed: {e}"))?;
-            Ok(data
+            let payloads: Vec<Cow<'_, [u8]>> = data
+                .into_iter()
+                .chain(parity.into_iter().map(Cow::Owned))
+                .collect();
+            let headers = payloads
                 .iter()
-                .chain(parity.iter())
                 .enumerate()
-                .map(|(i, p)| envelope(layout, i, len, &hash, p))
-                .collect())
+                .map(|(i, p)| header(layout, i, len, &hash, blake3::hash(p).as_bytes()))
+                .collect();
+            Ok(Envelopes { headers, payloads })
         }
     }
 }
@@ -306,12 +351,17 @@ mod tests {
         envs.iter().map(|e| Ok(Some(e.clone()))).collect()
     }
 
+    fn joined(layout: Layout, obj: &[u8]) -> Vec<Vec<u8>> {
+        let e = encode(layout, obj).unwrap();
+        (0..e.members()).map(|i| e.joined(i)).collect()
+    }
+
     #[test]
     fn ec_rebuilds_from_any_k_and_never_from_a_bad_shard() {
         let layout = Layout::Ec { k: 4, m: 2 };
         for len in [0usize, 1, 2, 3, 7, 8, 1000, 65_537] {
             let obj: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            let envs = encode(layout, &obj).unwrap();
+            let envs = joined(layout, &obj);
             assert_eq!(envs.len(), 6);
             assert_eq!(
                 decode(layout, &all(&envs)).object.as_deref(),
@@ -350,7 +400,7 @@ mod tests {
     #[test]
     fn a_shard_in_the_wrong_member_or_layout_is_bad() {
         let layout = Layout::Ec { k: 2, m: 1 };
-        let envs = encode(layout, b"hello world").unwrap();
+        let envs = joined(layout, b"hello world");
         assert!(matches!(check(layout, 1, &envs[0]), ShardState::Bad(_)));
         assert!(matches!(
             check(Layout::Ec { k: 2, m: 2 }, 0, &envs[0]),
@@ -363,10 +413,47 @@ mod tests {
         ));
     }
 
+    /// The envelope bytes as docs/replication.md lays them out, built here independently of
+    /// `encode`, so a faster encoder can never change the format.
+    fn documented(layout: Layout, i: usize, obj: &[u8], payload: &[u8]) -> Vec<u8> {
+        let (code, k, m) = match layout {
+            Layout::Mirror { n } => (1, 1, n - 1),
+            Layout::Ec { k, m } => (2, k, m),
+        };
+        let mut v = b"SNPS".to_vec();
+        v.extend_from_slice(&[1, code, k, m, i as u8, 0, 0, 0]);
+        v.extend_from_slice(&(obj.len() as u64).to_le_bytes());
+        v.extend_from_slice(blake3::hash(obj).as_bytes());
+        v.extend_from_slice(blake3::hash(payload).as_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn envelopes_keep_the_documented_format() {
+        let obj: Vec<u8> = (0..10_001u32).map(|i| (i * 13 % 256) as u8).collect();
+        let mirror = Layout::Mirror { n: 2 };
+        for (i, env) in joined(mirror, &obj).iter().enumerate() {
+            assert_eq!(env, &documented(mirror, i, &obj, &obj));
+        }
+        let ec = Layout::Ec { k: 4, m: 2 };
+        let s = shard_len(obj.len() as u64, 4) as usize;
+        let mut padded = obj.clone();
+        padded.resize(4 * s, 0);
+        let envs = joined(ec, &obj);
+        for (i, env) in envs.iter().enumerate().take(4) {
+            assert_eq!(env, &documented(ec, i, &obj, &padded[i * s..(i + 1) * s]));
+        }
+        let parity = reed_solomon_simd::encode(4, 2, padded.chunks(s)).unwrap();
+        for (j, p) in parity.iter().enumerate() {
+            assert_eq!(envs[4 + j], documented(ec, 4 + j, &obj, p));
+        }
+    }
+
     #[test]
     fn mirror_reads_any_good_copy() {
         let layout = Layout::Mirror { n: 3 };
-        let envs = encode(layout, b"abc").unwrap();
+        let envs = joined(layout, b"abc");
         let mut e = all(&envs);
         let mut bad = envs[0].clone();
         bad[HEADER_LEN] = b'x';
