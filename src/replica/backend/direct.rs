@@ -160,7 +160,9 @@ pub fn write_buffered(f: &mut File, parts: &[&[u8]]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn written(parts: &[&[u8]], direct: &AtomicBool) -> Vec<u8> {
+    /// Writes `parts` with `write_parts` into a new file that already holds `before`
+    /// (written buffered); returns the file's bytes.
+    fn written(before: &[u8], parts: &[&[u8]], direct: &AtomicBool) -> Vec<u8> {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("f");
         let mut f = std::fs::OpenOptions::new()
@@ -168,6 +170,7 @@ mod tests {
             .create_new(true)
             .open(&p)
             .unwrap();
+        f.write_all(before).unwrap();
         write_parts(&mut f, parts, direct).unwrap();
         f.sync_all().unwrap();
         drop(f);
@@ -196,7 +199,7 @@ mod tests {
                 for direct in [true, false] {
                     let flag = AtomicBool::new(direct);
                     assert_eq!(
-                        written(&parts, &flag),
+                        written(b"", &parts, &flag),
                         d,
                         "len {len} cut {cut} direct {direct}"
                     );
@@ -210,20 +213,10 @@ mod tests {
         // A direct write at an unaligned offset fails with EINVAL (ext4, where CI runs), as
         // a filesystem that refuses O_DIRECT would: the file must hold exactly the parts,
         // and the backend write buffered from then on.
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("f");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .unwrap();
-        f.write_all(b"x").unwrap();
         let data: Vec<u8> = (0..2 * ALIGN + 3).map(|i| (i % 251) as u8).collect();
         let direct = AtomicBool::new(true);
-        write_parts(&mut f, &[&data[..10], &data[10..]], &direct).unwrap();
-        f.sync_all().unwrap();
-        drop(f);
-        assert_eq!(std::fs::read(&p).unwrap(), data);
+        let got = written(b"x", &[&data[..10], &data[10..]], &direct);
+        assert_eq!(got, data);
         assert!(
             !direct.load(Ordering::Relaxed),
             "the EINVAL was not taken as a refusal"

@@ -152,13 +152,14 @@ pub fn encode(layout: Layout, object: &[u8]) -> Result<Envelopes<'_>, String> {
                         Cow::Borrowed(&object[from..to])
                     } else {
                         // The last shards: the object's tail, zero-padded.
-                        let mut d = vec![0u8; s];
-                        d[..to - from].copy_from_slice(&object[from..to]);
+                        let mut d = Vec::with_capacity(s);
+                        d.extend_from_slice(&object[from..to]);
+                        d.resize(s, 0);
                         Cow::Owned(d)
                     }
                 })
                 .collect();
-            let parity = reed_solomon_simd::encode(k as usize, m as usize, &data)
+            let parity = parity(k as usize, m as usize, s, &data)
                 .map_err(|e| format!("erasure coding failed: {e}"))?;
             let payloads: Vec<Cow<'_, [u8]>> = data
                 .into_iter()
@@ -172,6 +173,37 @@ pub fn encode(layout: Layout, object: &[u8]) -> Result<Envelopes<'_>, String> {
             Ok(Envelopes { headers, payloads })
         }
     }
+}
+
+thread_local! {
+    /// Each uploader thread's encoder, reset per object: its work buffers are allocated
+    /// once per thread, not once per object.
+    static ENCODER: std::cell::RefCell<Option<reed_solomon_simd::ReedSolomonEncoder>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The m parity shards of k data shards of `s` bytes each.
+fn parity(
+    k: usize,
+    m: usize,
+    s: usize,
+    data: &[Cow<'_, [u8]>],
+) -> Result<Vec<Vec<u8>>, reed_solomon_simd::Error> {
+    ENCODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let enc = match slot.as_mut() {
+            Some(enc) => {
+                enc.reset(k, m, s)?;
+                enc
+            }
+            None => slot.insert(reed_solomon_simd::ReedSolomonEncoder::new(k, m, s)?),
+        };
+        for d in data {
+            enc.add_original_shard(d)?;
+        }
+        let out = enc.encode()?;
+        Ok(out.recovery_iter().map(<[u8]>::to_vec).collect())
+    })
 }
 
 /// What a member's envelope turned out to be.
