@@ -28,13 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1 << 20
 
 
-def snapfs_bin():
-    b = os.environ.get("SNAPFS_BIN") or os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/snapfs/target")),
-        "release", "snapfs")
-    if not os.access(b, os.X_OK):
-        sys.exit(f"bench_variants: no snapfs binary at {b} (build it or set SNAPFS_BIN)")
-    return b
+sys.path.insert(0, HERE)
+from bench_snapshots import snapfs_bin  # noqa: E402  (SNAPFS_BIN or the cache's release build)
 
 
 def parse_variant(s):
