@@ -3,7 +3,7 @@
 round (stdlib only; run as root). For the kernel-option measurements of docs/benchmarks.md,
 where one bench.sh invocation per option would compare options measured in different disk moods.
 
-    tools/bench_variants.py {write|read} [--runs 5] [--mib 1024] [--workdir /var/tmp/snapfs-var]
+    tools/bench_variants.py {write|pwrite|read} [--runs 5] [--mib 1024] [--workdir /var/tmp/snapfs-var]
         VARIANT...
 
 A VARIANT is NAME or NAME:KEY=VALUE,KEY=VALUE: the environment of that `snapfs mount`
@@ -11,7 +11,8 @@ A VARIANT is NAME or NAME:KEY=VALUE,KEY=VALUE: the environment of that `snapfs m
 which sets the mount's read_ahead_kb after mounting (e.g. `ra4m:ra=4096`). Per round: a warm-up
 round first, then for each round native and every variant in turn. write: one file of --mib MiB
 in 1 MiB writes + fsync (tools/bench_io.py write; fresh data each run), on a fresh store per run.
-read: the file is written once per variant, then read after dropping caches; the mount stays up
+pwrite: the same bytes as 4 files from 2 concurrent writers, each file fsynced (bench_io.py
+pwrite, bench.sh's p1-multi). read: the file is written once per variant, then read after dropping caches; the mount stays up
 across rounds (remounted per variant each round, so that each read is of a cold mount).
 
 Prints per-run rows, then per variant: the median of the per-round ratios variant/native, the
@@ -101,7 +102,7 @@ def drop_caches():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["write", "read"])
+    ap.add_argument("mode", choices=["write", "pwrite", "read"])
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--mib", type=int, default=1024)
@@ -146,6 +147,12 @@ def main():
                     subprocess.run(["sync"], check=True)
                     s = timed(["write", path, "--mib", str(a.mib), "--seed", seed], tsv)
                     os.unlink(path)
+                elif a.mode == "pwrite":
+                    subprocess.run(["sync"], check=True)
+                    d = os.path.join(native, "multi")
+                    os.makedirs(d)
+                    s = timed(["pwrite", d, "--mib", str(a.mib), "--seed", seed], tsv)
+                    subprocess.run(["rm", "-rf", d], check=True)
                 else:
                     drop_caches()
                     s = timed(["read", path, "--expect-mib", str(a.mib)], tsv)
@@ -153,14 +160,17 @@ def main():
                 print(f"  {rnd:>6} {name:<10} {s:7.3f} s {a.mib / s:8.1f} MiB/s", flush=True)
                 continue
             store = os.path.join(work, f"store-{name}")
-            if a.mode == "write":
+            if a.mode != "read":
                 subprocess.run(["rm", "-rf", store], check=True)
             m = Mount(bin_, store, os.path.join(work, f"mnt-{name}"), env, ra, logf)
             path = os.path.join(m.mnt, "f.bin")
-            if a.mode == "write":
+            if a.mode != "read":
                 subprocess.run(["sync"], check=True)
                 c0 = cpu_seconds(m.p.pid)
-                s = timed(["write", path, "--mib", str(a.mib), "--seed", seed], tsv)
+                if a.mode == "write":
+                    s = timed(["write", path, "--mib", str(a.mib), "--seed", seed], tsv)
+                else:
+                    s = timed(["pwrite", m.mnt, "--mib", str(a.mib), "--seed", seed], tsv)
                 cpu = (cpu_seconds(m.p.pid) - c0) * 1024 / a.mib
             else:
                 drop_caches()
@@ -168,7 +178,7 @@ def main():
                 s = timed(["read", path, "--expect-mib", str(a.mib)], tsv)
                 cpu = (cpu_seconds(m.p.pid) - c0) * 1024 / a.mib
             m.close()
-            if a.mode == "write":
+            if a.mode != "read":
                 subprocess.run(["rm", "-rf", store], check=True)
             res[name].append((rnd, s, cpu))
             print(f"  {rnd:>6} {name:<10} {s:7.3f} s {a.mib / s:8.1f} MiB/s  "
