@@ -4,8 +4,8 @@
 //! A backup object is written once, fsynced at once, and not read again soon. Through the
 //! page cache its bytes are copied into freshly allocated cache pages and written back by
 //! the fsync; that copy was the largest single cost of replication to `dir:` (46% of the
-//! daemon's samples for a 512 MiB upload, `perf`; docs/benchmarks.md, "Replication to dir:
-//! around the page cache"). O_DIRECT lets the device read the bytes from a bounce buffer
+//! daemon's samples for a 512 MiB upload, `perf`; docs/benchmarks.md, "Replication around
+//! the page cache"). O_DIRECT lets the device read the bytes from a bounce buffer
 //! instead, and leaves the page cache to the training job's own files.
 //!
 //! O_DIRECT needs the buffer's address, the length and the file offset aligned to the
@@ -141,7 +141,7 @@ fn after<'a>(parts: &[&'a [u8]], mut n: usize) -> Vec<&'a [u8]> {
 }
 
 /// `write_all` over several buffers with `writev`: no joined copy of the parts.
-pub fn write_buffered(f: &mut File, parts: &[&[u8]]) -> io::Result<()> {
+fn write_buffered(f: &mut File, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest = &mut slices[..];
     IoSlice::advance_slices(&mut rest, 0);

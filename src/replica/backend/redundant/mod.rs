@@ -108,9 +108,8 @@ fn in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> Option<T> + Sync) -> Vec<
     if n == 1 {
         return vec![f(0)];
     }
-    // Members 1.. on their own threads, member 0 on this one.
     std::thread::scope(|s| {
-        let hs: Vec<_> = (1..n)
+        let hs: Vec<_> = (0..n)
             .map(|i| {
                 s.spawn({
                     let f = &f;
@@ -118,10 +117,7 @@ fn in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> Option<T> + Sync) -> Vec<
                 })
             })
             .collect();
-        let mut out = Vec::with_capacity(n);
-        out.push(f(0));
-        out.extend(hs.into_iter().map(|h| h.join().unwrap_or(None)));
-        out
+        hs.into_iter().map(|h| h.join().unwrap_or(None)).collect()
     })
 }
 
