@@ -1,8 +1,9 @@
 //! Deterministic interleavings of version GC and snapshot creation with live writers,
 //! through named failpoints (the `fail` crate): GC paused between its scan and its batches,
-//! snapshot creation paused between its last seal and the epoch move. Each test is the
-//! regression test of one defect of issue 6; each failed on the code before the fix (with
-//! the failpoint added at the same place).
+//! snapshot creation paused between its last seal and the epoch move, a group commit paused
+//! before its flush. Each test is the regression test of one defect (of issue 6, or the
+//! snapshot's wait for a flush of issue 9); each failed on the code before the fix (with the
+//! failpoint added at the same place).
 //!
 //! Run with: `cargo test --release --features failpoints --test interleavings`.
 #![cfg(feature = "failpoints")]
@@ -315,6 +316,51 @@ fn a_view_pins_a_snapshot_deleted_under_it() {
         "deferred GC freed {later:?} (first pass: {gc:?})"
     );
     assert!(fs.counters().chunks < before.chunks);
+    assert_consistent(&fs);
+    scenario.teardown();
+}
+
+/// Issue 9, "snapshots without a tail": a snapshot taken while a group commit is flushing the
+/// chunks parked by a streaming writer does not wait for that flush (on a slow disk, seconds
+/// of fsyncs): it commits those chunks itself, with their bodies in the WAL. The snapshot
+/// holds every byte written before it; the paused commit, once released, commits nothing
+/// twice; the store is consistent.
+#[test]
+fn snapshot_does_not_wait_for_a_group_commit_flush() {
+    let (scenario, _t, s) = fixture();
+    let fs = s.fs.clone();
+    fs.start_sealer();
+    let ino = create(&fs, "ckpt", b"");
+    let h = fs.open(ino, true).unwrap();
+    // Twelve full chunks: from the fifth on they take the deferred path (parked, their bodies
+    // written without the WAL), and the committer picks them up within 200 ms.
+    let data: Vec<u8> = (0..12 * CS + 100).map(|i| (i % 253) as u8 + 1).collect();
+    let pause = Pause::at("group-commit-before-flush");
+    fs.write(&h, 0, &data).unwrap();
+    pause.wait();
+    let (done_tx, done) = bounded::<()>(1);
+    let snap = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let info = fs.snapshot_create("s", false).unwrap();
+            let _ = done_tx.send(());
+            info
+        })
+    };
+    let returned = done.recv_timeout(Duration::from_secs(10)).is_ok();
+    // Released either way, so that a failing test does not hang.
+    pause.release();
+    fail::remove("group-commit-before-flush");
+    assert!(
+        returned,
+        "snapshot_create waited for the group commit's flush (still paused after 10 s)"
+    );
+    snap.join().unwrap();
+    let view = fs.snapshot_view("s").unwrap();
+    assert_same(&read_named(&view, "ckpt").unwrap(), &data, "snapshot");
+    drop(view);
+    fs.release(&h).unwrap();
+    assert_same(&read_named(&fs, "ckpt").unwrap(), &data, "live file");
     assert_consistent(&fs);
     scenario.teardown();
 }

@@ -263,13 +263,44 @@ pub fn mount_device(p: &Path) -> Option<String> {
     })
 }
 
+/// `target` absolute, its parent canonicalized and its last component kept as written (not
+/// stat'ed). None where that is not a plain name (`/`, a trailing `..`) or the parent cannot
+/// be resolved.
+fn parent_resolved(target: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(target).ok()?;
+    let name = abs.file_name()?;
+    if name == ".." {
+        return None;
+    }
+    Some(abs.parent()?.canonicalize().ok()?.join(name))
+}
+
+/// The store directory of the snapfs mount at exactly `mnt` (the newest mount there).
+fn snapfs_mount_source(mnt: &Path) -> Option<PathBuf> {
+    mounts().into_iter().rev().find_map(|(m, fstype, source)| {
+        // fuser's direct mount(2) drops the subtype, so the type may be plain "fuse"; the
+        // source is the store directory either way.
+        let fuse = fstype == "fuse" || fstype == "fuse.snapfs";
+        (m == mnt && fuse && Path::new(&source).join("db").is_dir()).then(|| source.into())
+    })
+}
+
 pub fn is_mountpoint(p: &Path) -> bool {
     let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     mounts().iter().any(|(m, _, _)| *m == p)
 }
 
 /// The store directory for a TARGET argument: a store directory, or a snapfs mountpoint.
+///
+/// A mountpoint is looked up in mountinfo first, by its path with only the parent resolved:
+/// any stat of the mount itself is a FUSE request, which waits behind the requests of busy
+/// writers (a `snapshot create` under a streaming writer spent most of its time there).
 pub fn resolve_target(target: &Path) -> Result<PathBuf, String> {
+    if let Some(lexical) = parent_resolved(target) {
+        if let Some(store) = snapfs_mount_source(&lexical) {
+            return Ok(store);
+        }
+    }
     if target.join("db").is_dir() {
         return target
             .canonicalize()
@@ -278,13 +309,8 @@ pub fn resolve_target(target: &Path) -> Result<PathBuf, String> {
     let abs = target
         .canonicalize()
         .unwrap_or_else(|_| target.to_path_buf());
-    for (mnt, fstype, source) in mounts().into_iter().rev() {
-        // fuser's direct mount(2) drops the subtype, so the type may be plain "fuse"; the
-        // source is the store directory either way.
-        let fuse = fstype == "fuse" || fstype == "fuse.snapfs";
-        if mnt == abs && fuse && Path::new(&source).join("db").is_dir() {
-            return Ok(PathBuf::from(source));
-        }
+    if let Some(store) = snapfs_mount_source(&abs) {
+        return Ok(store);
     }
     if !target.exists() {
         return Err(format!("{} does not exist", target.display()));

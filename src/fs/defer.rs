@@ -49,7 +49,7 @@ use crate::storage::keys::{self, MapEntry};
 
 use super::data::SealJob;
 use super::txn::Body;
-use super::{Fs, Txn};
+use super::{Fs, MetaState, Txn};
 
 /// Chunks of a file below this index are committed with their body in the batch, as
 /// before: small files (most of a dataset's) never wait for a flush at close(2).
@@ -75,6 +75,10 @@ pub(crate) struct Deferred {
     /// Parked jobs in the order they were parked (two jobs of one chunk park in the order
     /// they were queued: one sealer thread handles both).
     jobs: Mutex<Vec<Parked>>,
+    /// Jobs a group commit took and is flushing, oldest first. Popped one at a time under
+    /// `meta` by that commit once its flush is done, or all at once by a snapshot
+    /// (`commit_logged`), which then does not wait for the flush.
+    flushing: Mutex<std::collections::VecDeque<Parked>>,
     /// Wakes the committer thread when `DEFER_BYTES` are parked. Shared with that thread,
     /// which waits on it without holding the filesystem (whose drop closes the engine).
     wake: std::sync::Arc<(Mutex<()>, parking_lot::Condvar)>,
@@ -271,69 +275,99 @@ impl Fs {
     /// Commits every parked job: one flush of the chunk column family, then each job's
     /// metadata, in the order they parked. The caller finishes the returned jobs.
     pub(crate) fn take_and_commit(&self) -> Done {
+        if self.deferred.logged.load(Ordering::Acquire) {
+            return self.commit_logged();
+        }
         let _one = self.deferred.commit.lock();
-        let jobs = {
-            let mut list = self.deferred.jobs.lock();
-            let jobs = std::mem::take(&mut *list);
-            for p in &jobs {
-                let _n = p.job.file.inflight.lock();
-                p.job.file.parked.fetch_sub(1, Ordering::AcqRel);
-            }
-            jobs
-        };
+        if self.deferred.logged.load(Ordering::Acquire) {
+            // A snapshot took the barrier while this waited for the previous group commit.
+            return self.commit_logged();
+        }
+        let jobs = self.take_parked();
         if jobs.is_empty() {
             return Vec::new();
         }
-        let bytes: usize = jobs.iter().map(|p| p.job.data.len()).sum();
-        self.deferred.bytes.fetch_sub(bytes, Ordering::AcqRel);
-        if self.deferred.logged.load(Ordering::Acquire) {
-            // Under a snapshot's barrier: no flush; each body goes into its commit's batch
-            // (written a second time, a few chunks at most), and the commit still deletes
-            // the marker (`Body::Written` at a generation that never matches).
-            return jobs
-                .into_iter()
-                .map(|mut p| {
-                    if let Body::Written { generation, .. } = &mut p.body {
-                        *generation = u64::MAX;
-                    }
-                    self.commit_one(p, Ok(()))
-                })
-                .collect();
-        }
-        let flushed = if jobs.iter().any(|p| p.ahead) {
+        let ahead = jobs.iter().filter(|p| p.ahead).count();
+        let n = jobs.len();
+        self.deferred.flushing.lock().extend(jobs);
+        fail::fail_point!("group-commit-before-flush");
+        let flushed = if ahead > 0 {
             self.eng.flush_chunks()
         } else {
             Ok(())
         };
         if let Err(e) = flushed {
-            log::error!("flushing {} written-ahead chunks failed: {e}", jobs.len());
+            log::error!("flushing {ahead} written-ahead chunks failed: {e}");
         }
+        // One job per hold of `meta`: pop and commit are one step, so a snapshot that takes
+        // the rest meanwhile commits them after this one, in parking order.
+        let mut done = Vec::with_capacity(n);
+        loop {
+            let mut meta = self.lock_meta();
+            let Some(p) = self.deferred.flushing.lock().pop_front() else {
+                break;
+            };
+            done.push(self.commit_one(&mut meta, p, flushed));
+        }
+        done
+    }
+
+    /// The parked list, emptied; its bytes uncounted.
+    fn take_parked(&self) -> Vec<Parked> {
+        let jobs = std::mem::take(&mut *self.deferred.jobs.lock());
+        let bytes: usize = jobs.iter().map(|p| p.job.data.len()).sum();
+        self.deferred.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        jobs
+    }
+
+    /// Under a snapshot's barrier: commits, without any flush, the jobs a group commit is
+    /// flushing and every parked job, each body in its commit's batch (the WAL; written a
+    /// second time), so the snapshot waits for no fsync. The commit still deletes the marker
+    /// (`Body::Written` at a generation that never matches). A body also in the flush being
+    /// synced is the same key and value twice.
+    fn commit_logged(&self) -> Done {
+        let mut meta = self.lock_meta();
+        let mut jobs: Vec<Parked> = self.deferred.flushing.lock().drain(..).collect();
+        jobs.extend(self.take_parked());
         jobs.into_iter()
-            .map(|p| self.commit_one(p, flushed))
+            .map(|mut p| {
+                if let Body::Written { generation, .. } = &mut p.body {
+                    *generation = u64::MAX;
+                }
+                self.commit_one(&mut meta, p, Ok(()))
+            })
             .collect()
     }
 
-    fn commit_one(&self, p: Parked, flushed: Result<()>) -> (SealJob, Result<()>) {
+    fn commit_one(
+        &self,
+        meta: &mut MetaState,
+        p: Parked,
+        flushed: Result<()>,
+    ) -> (SealJob, Result<()>) {
         let Parked {
             job,
             entry,
             body,
             ahead,
         } = p;
-        let mut meta = self.lock_meta();
         let r = flushed.and_then(|()| {
             let mut txn = Txn::new(self);
             txn.put_map(job.ino, job.idx, entry)?;
             txn.add_body(entry.id, body);
             job.apply_attr(&mut txn)?;
-            txn.commit(&mut meta, false)
+            txn.commit(meta, false)
         });
         if ahead {
             // Committed, or failed: either way garbage collection may judge it now (a
             // failed commit leaves a marker without a refcount: the body is freed).
             meta.unflushed.remove(&entry.id);
         }
-        drop(meta);
+        {
+            // Parked until committed (`OpenFile::wait_sealed` commits while it is not 0).
+            let _n = job.file.inflight.lock();
+            job.file.parked.fetch_sub(1, Ordering::AcqRel);
+        }
         (job, r)
     }
 }

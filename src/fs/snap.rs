@@ -157,16 +157,22 @@ impl Fs {
         // short (streaming files, with seal jobs in flight, are sealed under it). A file with
         // a sticky seal error is logged and skipped: its writer is told on its next write,
         // flush or fsync, and the snapshot holds what the store holds.
+        let mut phases = Phases::start();
         let _ = self.seal_open_files_but(true);
-        // Commit what is parked (one flush) while writers still run; under the barrier only
-        // the chunks parked since then are committed, with their bodies in the WAL.
-        self.commit_parked();
+        phases.mark("seal idle files");
+        // What is parked is committed under the barrier with its bodies in the WAL (written
+        // a second time) rather than flushed first: a flush would make the snapshot wait
+        // for fsyncs, seconds on a slow disk under a streaming writer (docs/benchmarks.md,
+        // "Snapshots without a flush").
         let barrier = self.barrier.write();
+        phases.mark("barrier");
         self.deferred.logged.store(true, Ordering::Release);
         let logged = LoggedUntilDrop(self);
         let _ = self.seal_open_files();
+        phases.mark("seal under barrier");
         fail::fail_point!("snapshot-before-epoch-move");
         let meta = self.lock_meta();
+        phases.mark("meta");
         if self.eng.get(Cf::Meta, &key)?.is_some() {
             return Err(FsError::Exists);
         }
@@ -205,6 +211,8 @@ impl Fs {
         drop(logged);
         drop(meta);
         drop(barrier);
+        phases.mark("record");
+        log::debug!("snapshot {name}: {phases}");
         if !durable {
             let eng = self.eng.clone();
             let spawned = std::thread::Builder::new()
@@ -572,6 +580,37 @@ fn apply_rollback(txn: &mut Txn<'_>, rec: &[u8], snap: Option<&[u8]>) -> Result<
 }
 
 /// Ends the logged group commits of a snapshot's barrier on every way out of it.
+/// Where a snapshot's time went, for the debug log.
+struct Phases {
+    last: std::time::Instant,
+    spent: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        Phases {
+            last: std::time::Instant::now(),
+            spent: Vec::with_capacity(8),
+        }
+    }
+
+    fn mark(&mut self, what: &'static str) {
+        let now = std::time::Instant::now();
+        self.spent.push((what, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (what, d)) in self.spent.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{what} {:.2} ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
+}
+
 struct LoggedUntilDrop<'a>(&'a Fs);
 
 impl Drop for LoggedUntilDrop<'_> {
