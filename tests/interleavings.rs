@@ -320,9 +320,9 @@ fn a_view_pins_a_snapshot_deleted_under_it() {
     scenario.teardown();
 }
 
-/// Issue 9, "snapshots without a tail": a snapshot taken while a group commit is flushing the
-/// chunks parked by a streaming writer does not wait for that flush (on a slow disk, seconds
-/// of fsyncs): it commits those chunks itself, with their bodies in the WAL. The snapshot
+/// Issue 9, "snapshots without a tail": a snapshot taken while a group commit is flushing a
+/// few parked chunks (under `SNAPSHOT_COPY_MAX`) does not wait for that flush (on a slow disk,
+/// seconds of fsyncs): it commits those chunks itself, with their bodies in the WAL. The snapshot
 /// holds every byte written before it; the paused commit, once released, commits nothing
 /// twice; the store is consistent.
 #[test]

@@ -31,6 +31,10 @@ pub struct SnapshotInfo {
     pub automatic: bool,
 }
 
+/// Parked bytes (uncompressed) up to which a snapshot copies them into the WAL under its
+/// barrier instead of flushing them first.
+const SNAPSHOT_COPY_MAX: u64 = 32 << 20;
+
 /// Snapshot names: 1..=200 bytes of printable UTF-8, no `/`, not `.` or `..`.
 pub fn check_snapshot_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > 200 {
@@ -160,10 +164,17 @@ impl Fs {
         let mut phases = Phases::start();
         let _ = self.seal_open_files_but(true);
         phases.mark("seal idle files");
-        // What is parked is committed under the barrier with its bodies in the WAL (written
-        // a second time) rather than flushed first: a flush would make the snapshot wait
-        // for fsyncs, seconds on a slow disk under a streaming writer (docs/benchmarks.md,
-        // "Snapshots without a flush").
+        // Parked chunks live only in the chunk memtable: before the snapshot returns they
+        // must reach the kernel, by a flush (fsyncs: seconds on a slow disk under a streaming
+        // writer) or by a copy of their bodies in the WAL (writers then write those bytes
+        // twice, and the WAL sync after the snapshot has them to write). A few are copied,
+        // under the barrier, without waiting for any flush; more than
+        // `SNAPSHOT_COPY_MAX` are flushed first, while writers still run, as a group commit
+        // would (docs/benchmarks.md, "Snapshots without a flush").
+        if self.parked().1 > SNAPSHOT_COPY_MAX {
+            self.commit_parked();
+        }
+        phases.mark("commit parked");
         let barrier = self.barrier.write();
         phases.mark("barrier");
         self.deferred.logged.store(true, Ordering::Release);
