@@ -267,7 +267,13 @@ impl Fs {
 
     /// Commits every parked job and finishes it.
     pub(crate) fn commit_parked(&self) {
-        for (job, r) in self.take_and_commit() {
+        self.commit_parked_for(None);
+    }
+
+    /// `commit_parked` for a waiter on `file`'s jobs: if the group commit it waited for
+    /// committed all of them, it starts none of its own.
+    pub(crate) fn commit_parked_for(&self, file: Option<&super::OpenFile>) {
+        for (job, r) in self.take_and_commit_for(file) {
             super::data::finish_job(&job, r);
         }
     }
@@ -275,6 +281,10 @@ impl Fs {
     /// Commits every parked job: one flush of the chunk column family, then each job's
     /// metadata, in the order they parked. The caller finishes the returned jobs.
     pub(crate) fn take_and_commit(&self) -> Done {
+        self.take_and_commit_for(None)
+    }
+
+    fn take_and_commit_for(&self, file: Option<&super::OpenFile>) -> Done {
         if self.deferred.logged.load(Ordering::Acquire) {
             return self.commit_logged();
         }
@@ -282,6 +292,10 @@ impl Fs {
         if self.deferred.logged.load(Ordering::Acquire) {
             // A snapshot took the barrier while this waited for the previous group commit.
             return self.commit_logged();
+        }
+        if file.is_some_and(|f| f.parked.load(Ordering::Acquire) == 0) {
+            // The group commit waited for (`flushing`) committed the file's jobs.
+            return Vec::new();
         }
         let jobs = self.take_parked();
         if jobs.is_empty() {

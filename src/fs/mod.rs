@@ -132,7 +132,7 @@ impl OpenFile {
         while *n > 0 {
             if self.parked.load(Ordering::Acquire) > 0 {
                 drop(n);
-                fs.commit_parked();
+                fs.commit_parked_for(Some(self));
                 n = self.inflight.lock();
                 continue;
             }
