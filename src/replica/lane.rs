@@ -428,7 +428,12 @@ impl Lane {
 
     /// A chunk that fails verification is never uploaded: recorded, reported, dequeued.
     fn refuse(&self, seq: u64, id: &ChunkId) {
-        self.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
+        // Counted once per chunk: a chunk may be queued twice (at-least-once), e.g. by its
+        // seal and by a backfill that ran beside it, and is then refused twice.
+        let bad_key = keys::repl_key(keys::P_REPL_BAD, self.id, id);
+        if !self.fs.eng.exists(Cf::Meta, &bad_key).unwrap_or(false) {
+            self.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
+        }
         self.stats.error(format!(
             "backend {}: chunk {} failed verification (decompress + blake3) and was not \
              uploaded; snapshots that need it cannot complete",
@@ -436,12 +441,7 @@ impl Lane {
             format::hex(id)
         ));
         let mut b = Batch::new();
-        self.fs.eng.put(
-            &mut b,
-            Cf::Meta,
-            &keys::repl_key(keys::P_REPL_BAD, self.id, id),
-            &[],
-        );
+        self.fs.eng.put(&mut b, Cf::Meta, &bad_key, &[]);
         self.fs
             .eng
             .delete(&mut b, Cf::Meta, &keys::queue_key(self.id, seq));
