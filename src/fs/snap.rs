@@ -590,7 +590,6 @@ fn apply_rollback(txn: &mut Txn<'_>, rec: &[u8], snap: Option<&[u8]>) -> Result<
     }
 }
 
-/// Ends the logged group commits of a snapshot's barrier on every way out of it.
 /// Where a snapshot's time went, for the debug log.
 struct Phases {
     last: std::time::Instant,
@@ -622,6 +621,7 @@ impl std::fmt::Display for Phases {
     }
 }
 
+/// Ends the logged group commits of a snapshot's barrier on every way out of it.
 struct LoggedUntilDrop<'a>(&'a Fs);
 
 impl Drop for LoggedUntilDrop<'_> {

@@ -428,8 +428,8 @@ impl Lane {
 
     /// A chunk that fails verification is never uploaded: recorded, reported, dequeued.
     fn refuse(&self, seq: u64, id: &ChunkId) {
-        // Counted once per chunk: a chunk may be queued twice (at-least-once), e.g. by its
-        // seal and by a backfill that ran beside it, and is then refused twice.
+        // Counted once per chunk: queueing is at-least-once, so a chunk queued twice is
+        // refused twice.
         let bad_key = keys::repl_key(keys::P_REPL_BAD, self.id, id);
         if !self.fs.eng.exists(Cf::Meta, &bad_key).unwrap_or(false) {
             self.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
