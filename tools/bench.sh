@@ -10,7 +10,9 @@ usage: tools/bench.sh {p1|read|p7|dedup|all} [options]
 
   p1     write SIZE MiB in 1 MiB write()s + fsync (p1-write), then SIZE MiB as
          4 files from 2 concurrent writers, each file fsynced (p1-multi)
-  read   read a SIZE MiB file in 1 MiB reads after dropping caches
+  read   read a SIZE MiB file in 1 MiB reads after dropping caches (P2; --readers N:
+         N processes, each its own 1/N of the file; side `snapshot`: the same file
+         read from a read-only mount of a snapshot taken after it was written)
   p7     create FILES files of 4 KiB in one directory (no fsync; files/s)
   dedup  snapfs only: write the same SIZE MiB twice, compare `snapfs stat`
   all    p1, read, p7, dedup
@@ -26,6 +28,7 @@ options:
                     fuse_ceiling --no-run` prints the path)
   --allow-tmpfs     allow --workdir on tmpfs (/dev/shm: the software's ceiling, no disk)
   --threads N       pass --threads N to `snapfs mount`
+  --readers N       read: N concurrent reader processes (default 1)
   --workdir DIR     where test dirs and stores live (default /var/tmp/snapfs-bench)
   --results DIR     results dir (default WORKDIR/results/YYYYmmdd-HHMMSS)
 env: SNAPFS_BIN (default ${CARGO_TARGET_DIR:-$HOME/.cache/snapfs/target}/release/snapfs),
@@ -39,7 +42,7 @@ EOF
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CMDLINE=$(printf '%q ' "$0" "$@")
-RUNS=5 SIZE_MIB=1024 FILES=10000 NATIVE_ONLY=0 THREADS="" SIDES_ARG="" ALLOW_TMPFS=0
+RUNS=5 SIZE_MIB=1024 FILES=10000 NATIVE_ONLY=0 THREADS="" SIDES_ARG="" ALLOW_TMPFS=0 READERS=1
 WORK=/var/tmp/snapfs-bench RESULTS=""
 SNAPFS="(native only)"
 MIN_FREE_GIB=8
@@ -59,6 +62,7 @@ while (($#)); do
         --files) FILES=$2; shift ;;
         --native-only) NATIVE_ONLY=1 ;;
         --threads) THREADS=$2; shift ;;
+        --readers) READERS=$2; shift ;;
         --sides) SIDES_ARG=$2; shift ;;
         --allow-tmpfs) ALLOW_TMPFS=1 ;;
         --workdir) WORK=$2; shift ;;
@@ -72,6 +76,7 @@ done
     die "--runs, --size-mib and --files must be positive integers"
 ((SIZE_MIB % 4 == 0)) || die "--size-mib must be a multiple of 4 (p1-multi uses 4 files)"
 [[ -z $THREADS || $THREADS =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer"
+[[ $READERS =~ ^[1-9][0-9]*$ ]] || die "--readers must be a positive integer"
 
 # ---------------------------------------------------------------- checks ----
 ((EUID == 0)) || die "must run as root (needs /proc/sys/vm/drop_caches)"
@@ -97,7 +102,9 @@ elif [[ -n $SIDES_ARG ]]; then
 fi
 has_side() { local s; for s in "${SIDES[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
 for side in "${SIDES[@]}"; do
-    [[ $side =~ ^(native|snapfs|copy|passthrough)$ ]] || die "unknown side: $side"
+    [[ $side =~ ^(native|snapfs|snapshot|copy|passthrough)$ ]] || die "unknown side: $side"
+    [[ $side != snapshot || ($CMD == read && " ${SIDES[*]} " == *" snapfs "*) ]] ||
+        die "side snapshot: only for read, and only with side snapfs (it reads snapfs's file)"
     [[ ! $side =~ ^(copy|passthrough)$ || -x ${BENCH_CEILING:-} ]] ||
         die "side $side needs BENCH_CEILING=path of the fuse_ceiling bench binary"
 done
@@ -124,7 +131,7 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
     echo "date:    $(date -Is)"
     echo "git:     $(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo none)"
     echo "snapfs:  $SNAPFS"
-    echo "runs=$RUNS size_mib=$SIZE_MIB files=$FILES threads=${THREADS:-default} workdir=$WORK"
+    echo "runs=$RUNS size_mib=$SIZE_MIB files=$FILES threads=${THREADS:-default} readers=$READERS workdir=$WORK"
     echo "SNAPFS_MOUNT_OPTS=${SNAPFS_MOUNT_OPTS:-}"
     echo "BENCH_DATA=${BENCH_DATA:-random}"
     echo "sides: ${SIDES[*]}"
@@ -181,7 +188,7 @@ snap_umount() {   # MNT
 cleanup() {
     if [[ -n ${SNAPFS_PID:-} ]]; then snapfs_stop "$SNAPFS_MNT" || true; fi
     local m
-    for m in "$WORK"/mnt-copy-* "$WORK"/mnt-passthrough-*; do
+    for m in "$WORK"/mnt-copy-* "$WORK"/mnt-passthrough-* "$WORK"/mnt-read-snap; do
         ! mountpoint -q "$m" 2>/dev/null || umount -l "$m" || true
     done
 }
@@ -297,7 +304,7 @@ p1_multi_once() {
 read_once() {
     local b=$1 side=$2 dir=$3 run=$4
     drop_caches
-    io read "$dir/checkpoint.bin" --expect-mib "$SIZE_MIB" \
+    io read "$dir/checkpoint.bin" --expect-mib "$SIZE_MIB" --readers "$READERS" \
         --out "$TSV" --bench "$b" --side "$side" --run "$run"
 }
 
@@ -321,10 +328,25 @@ bench_read() {
     setup read
     echo "== read: writing the ${SIZE_MIB} MiB source file on each side (untimed)"
     for side in "${SIDES[@]}"; do
+        [[ $side != snapshot ]] || continue
         io write "${DIR[$side]}/checkpoint.bin" --mib "$SIZE_MIB" --seed "$(seed read "$side" src)" \
             --bench read-src --side "$side" --run src
     done
+    if has_side snapshot; then
+        # The snapfs side's file, read through a read-only mount of a snapshot of it (served
+        # by the running daemon): the same chunks, through a view of an older epoch.
+        "$SNAPFS" snapshot create "${DIR[snapfs]}" p2 >/dev/null || die "snapshot create failed"
+        mkdir -p "$WORK/mnt-read-snap"
+        "$SNAPFS" mount "$WORK/store-read" "$WORK/mnt-read-snap" --snapshot p2 \
+            >"$RESULTS/snapshot-mount.log" 2>&1 || die "snapshot mount failed (log: $RESULTS/snapshot-mount.log)"
+        mountpoint -q "$WORK/mnt-read-snap" || die "the snapshot mount is not mounted"
+        DIR[snapshot]=$WORK/mnt-read-snap
+    fi
     alternate read read_once
+    if has_side snapshot; then
+        umount "$WORK/mnt-read-snap" || umount -l "$WORK/mnt-read-snap" || true
+        rmdir "$WORK/mnt-read-snap" 2>/dev/null || true
+    fi
     teardown read
 }
 

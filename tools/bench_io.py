@@ -5,7 +5,7 @@ Timed subcommands (each appends one row to --out TSV and prints a line):
   write PATH --mib N --seed S          one file in 1 MiB write() calls + fsync
   pwrite DIR --mib N --seed S          N MiB as --files files from --writers
                                        concurrent processes, each file fsynced
-  read PATH                            read a file in 1 MiB reads
+  read PATH [--readers N]              read a file in 1 MiB reads (N processes: 1/N each)
   smallfiles DIR --count N --seed S    N files of --size bytes (no fsync)
 Other subcommands:
   stored-bytes JSON_FILE               print stored_bytes, logical_bytes and
@@ -127,17 +127,58 @@ def cmd_pwrite(args):
     record(args, elapsed, per_file * args.files)
 
 
-def cmd_read(args):
-    buf = bytearray(args.block_kib * 1024)
-    total = 0
-    t0 = time.perf_counter()
-    with open(args.path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
+def _read_range(path, start, length, block, barrier, q):
+    buf = bytearray(block)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        barrier.wait()
+        total, pos, end = 0, start, start + length
+        while pos < end:
+            n = os.preadv(fd, [view[:min(block, end - pos)]], pos)
             if not n:
                 break
             total += n
-    elapsed = time.perf_counter() - t0
+            pos += n
+    finally:
+        os.close(fd)
+    q.put(total)
+
+
+def cmd_read(args):
+    if args.readers > 1:
+        # N processes, each reading its own contiguous 1/N of the file (a parallel load of
+        # one checkpoint), started together; timed until the last one is done.
+        size = os.stat(args.path).st_size
+        per = -(-size // args.readers)
+        ctx = mp.get_context("fork")
+        barrier = ctx.Barrier(args.readers + 1)
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_read_range,
+                             args=(args.path, i * per, max(0, min(per, size - i * per)),
+                                   args.block_kib * 1024, barrier, q))
+                 for i in range(args.readers)]
+        for p in procs:
+            p.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        total = sum(q.get() for _ in procs)
+        for p in procs:
+            p.join()
+        elapsed = time.perf_counter() - t0
+        if any(p.exitcode != 0 for p in procs):
+            sys.exit("read: a reader process failed")
+    else:
+        buf = bytearray(args.block_kib * 1024)
+        total = 0
+        t0 = time.perf_counter()
+        with open(args.path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                total += n
+        elapsed = time.perf_counter() - t0
     if args.expect_mib and total != args.expect_mib * MIB:
         sys.exit(f"read: got {total} bytes, expected {args.expect_mib} MiB")
     record(args, elapsed, total)
@@ -272,6 +313,8 @@ def main():
     p = timed("read", cmd_read)
     p.add_argument("path")
     p.add_argument("--expect-mib", type=int, default=0)
+    p.add_argument("--readers", type=int, default=1,
+                   help="processes reading one contiguous 1/N of the file each")
     p = timed("smallfiles", cmd_smallfiles)
     p.add_argument("dir")
     p.add_argument("--count", type=int, default=10000)
