@@ -3,12 +3,15 @@
 round (stdlib only; run as root). For the kernel-option measurements of docs/benchmarks.md,
 where one bench.sh invocation per option would compare options measured in different disk moods.
 
-    tools/bench_variants.py {write|pwrite|read} [--runs 5] [--mib 1024] [--workdir /var/tmp/snapfs-var]
+    tools/bench_variants.py {write|pwrite|read} [--runs 5] [--mib 1024] [--readers 1]
+        [--workdir /var/tmp/snapfs-var]
         VARIANT...
 
 A VARIANT is NAME or NAME:KEY=VALUE,KEY=VALUE: the environment of that `snapfs mount`
 (e.g. `mw128k:SNAPFS_MAX_WRITE=131072`, `wb:SNAPFS_WRITEBACK_CACHE=1`), except the key `ra`,
-which sets the mount's read_ahead_kb after mounting (e.g. `ra4m:ra=4096`). Per round: a warm-up
+which sets the mount's read_ahead_kb after mounting (e.g. `ra4m:ra=4096`), and the key `bin`,
+which runs that variant with another snapfs binary (two builds in one run: `old:bin=/tmp/a
+new:bin=/tmp/b`). Per round: a warm-up
 round first, then for each round native and every variant in turn. write: one file of --mib MiB
 in 1 MiB writes + fsync (tools/bench_io.py write; fresh data each run), on a fresh store per run.
 pwrite: the same bytes as 4 files from 2 concurrent writers, each file fsynced (bench_io.py
@@ -35,16 +38,20 @@ from bench_snapshots import snapfs_bin  # noqa: E402  (SNAPFS_BIN or the cache's
 
 def parse_variant(s):
     name, _, rest = s.partition(":")
-    env, ra = {}, None
+    env, ra, bin_ = {}, None, None
     for kv in filter(None, rest.split(",")):
         k, eq, v = kv.partition("=")
         if not eq:
             sys.exit(f"bench_variants: {kv!r} in {s!r} is not KEY=VALUE")
         if k == "ra":
             ra = int(v)
+        elif k == "bin":
+            if not os.access(v, os.X_OK):
+                sys.exit(f"bench_variants: {v} is not an executable")
+            bin_ = v
         else:
             env[k] = v
-    return name, env, ra
+    return name, env, ra, bin_
 
 
 def mounted(mnt):
@@ -107,6 +114,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--workdir", default="/var/tmp/snapfs-var")
+    ap.add_argument("--readers", type=int, default=1, help="read: concurrent reader processes")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_variants: must run as root (drop_caches, read_ahead_kb)")
@@ -132,14 +140,14 @@ def main():
     if a.mode == "read":
         src = os.path.join(native, "f.bin")
         io("write", src, "--mib", str(a.mib), "--seed", f"{nonce}-native")
-        for name, env, ra in variants:
-            m = Mount(bin_, os.path.join(work, f"store-{name}"), os.path.join(work, f"mnt-{name}"),
+        for name, env, ra, vbin in variants:
+            m = Mount(vbin or bin_, os.path.join(work, f"store-{name}"), os.path.join(work, f"mnt-{name}"),
                       env, ra, logf)
             io("write", os.path.join(m.mnt, "f.bin"), "--mib", str(a.mib), "--seed",
                f"{nonce}-{name}")
             m.close()
     for rnd in ["warmup", *map(str, range(1, a.runs + 1))]:
-        for name, env, ra in [("native", {}, None), *variants]:
+        for name, env, ra, vbin in [("native", {}, None, None), *variants]:
             seed = f"{nonce}-{name}-{rnd}"
             if name == "native":
                 path = os.path.join(native, "f.bin")
@@ -155,14 +163,15 @@ def main():
                     subprocess.run(["rm", "-rf", d], check=True)
                 else:
                     drop_caches()
-                    s = timed(["read", path, "--expect-mib", str(a.mib)], tsv)
+                    s = timed(["read", path, "--expect-mib", str(a.mib),
+                               "--readers", str(a.readers)], tsv)
                 res[name].append((rnd, s, None))
                 print(f"  {rnd:>6} {name:<10} {s:7.3f} s {a.mib / s:8.1f} MiB/s", flush=True)
                 continue
             store = os.path.join(work, f"store-{name}")
             if a.mode != "read":
                 subprocess.run(["rm", "-rf", store], check=True)
-            m = Mount(bin_, store, os.path.join(work, f"mnt-{name}"), env, ra, logf)
+            m = Mount(vbin or bin_, store, os.path.join(work, f"mnt-{name}"), env, ra, logf)
             path = os.path.join(m.mnt, "f.bin")
             if a.mode != "read":
                 subprocess.run(["sync"], check=True)
@@ -175,7 +184,8 @@ def main():
             else:
                 drop_caches()
                 c0 = cpu_seconds(m.p.pid)
-                s = timed(["read", path, "--expect-mib", str(a.mib)], tsv)
+                s = timed(["read", path, "--expect-mib", str(a.mib),
+                           "--readers", str(a.readers)], tsv)
                 cpu = (cpu_seconds(m.p.pid) - c0) * 1024 / a.mib
             m.close()
             if a.mode != "read":

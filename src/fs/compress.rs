@@ -192,7 +192,7 @@ impl Fs {
     /// Reads a raw body and compresses it, outside every lock: None if it is gone, already
     /// compressed, does not compress, or fails verification (logged, left as it is).
     fn compressed_body(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        let read = match self.eng.with_value(Cf::Chunks, id, |stored| {
+        let read = match self.eng.with_chunk(id, |stored| {
             let Some(raw) = chunk::raw_payload(stored) else {
                 return Ok(None); // already compressed
             };

@@ -76,10 +76,7 @@ impl Fs {
 
     /// Reads and verifies one chunk; a bad one is healed from the healer when `repair`.
     pub fn scrub_chunk(&self, id: &ChunkId, repair: bool) -> Result<LocalChunk> {
-        let why: String = match self
-            .eng
-            .with_value(Cf::Chunks, id, |s| chunk::verify(id, s))
-        {
+        let why: String = match self.eng.with_chunk(id, |s| chunk::verify(id, s)) {
             Ok(None) => {
                 if !self.has_chunk(id)? {
                     return Ok(LocalChunk::Gone);

@@ -371,7 +371,7 @@ impl Lane {
         let read = match self.fs.compress_before_upload(&e.id) {
             // Verified before it was compressed, and compressed from the verified bytes.
             Some(enc) => Ok(Some(Ok(format::chunk_object(&enc)))),
-            None => self.fs.eng.with_value(Cf::Chunks, &e.id, |stored| {
+            None => self.fs.eng.with_chunk(&e.id, |stored| {
                 crate::storage::chunk::verify(&e.id, stored).map(|_| format::chunk_object(stored))
             }),
         };

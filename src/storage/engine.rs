@@ -390,6 +390,20 @@ impl Engine {
         Ok(v.map(|v| f(&v)))
     }
 
+    /// `with_value` for a chunk body that `f` verifies against its blake3 id, read without
+    /// RocksDB's record checksum (a CRC32C over every byte): the hash catches every
+    /// corruption the CRC would, so the CRC was a second pass over each byte read, 10% of the
+    /// daemon's CPU in a cold read (docs/benchmarks.md, "Cold reads"). A body that does not
+    /// verify is corruption either way; a blob index or record damaged past parsing is still
+    /// an error from RocksDB.
+    pub fn with_chunk<R>(&self, id: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+        let r = self.reader()?;
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(false);
+        let v = r.db().get_pinned_cf_opt(r.cf(Cf::Chunks), id, &ro)?;
+        Ok(v.map(|v| f(&v)))
+    }
+
     pub fn exists(&self, cf: Cf, key: &[u8]) -> Result<bool> {
         let r = self.reader()?;
         let found = r.db().get_pinned_cf(r.cf(cf), key)?.is_some();
