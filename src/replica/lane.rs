@@ -85,8 +85,6 @@ impl TokenBucket {
 pub struct LaneStats {
     pub uploaded_bytes: AtomicU64,
     pub uploaded_chunks: AtomicU64,
-    /// Chunks refused because they failed verification before upload.
-    pub bad_chunks: AtomicU64,
     /// Queue entries dropped because the chunk was freed locally before its turn.
     pub dropped_freed: AtomicU64,
     /// Failed puts (each retried).
@@ -428,12 +426,9 @@ impl Lane {
 
     /// A chunk that fails verification is never uploaded: recorded, reported, dequeued.
     fn refuse(&self, seq: u64, id: &ChunkId) {
-        // Counted once per chunk: queueing is at-least-once, so a chunk queued twice is
-        // refused twice.
+        // The bad-chunk record is the count (`status` counts them): a chunk queued twice
+        // (queueing is at-least-once) and refused twice is one record.
         let bad_key = keys::repl_key(keys::P_REPL_BAD, self.id, id);
-        if !self.fs.eng.exists(Cf::Meta, &bad_key).unwrap_or(false) {
-            self.stats.bad_chunks.fetch_add(1, Ordering::Relaxed);
-        }
         self.stats.error(format!(
             "backend {}: chunk {} failed verification (decompress + blake3) and was not \
              uploaded; snapshots that need it cannot complete",

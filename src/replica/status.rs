@@ -139,7 +139,7 @@ pub fn backend_status(
             pruned: s.pruned,
         });
     }
-    let (uploaded_bytes, uploaded_chunks, throughput, failed, bad, err) = match lane {
+    let (uploaded_bytes, uploaded_chunks, throughput, failed, err) = match lane {
         Some(l) => {
             let st = &l.stats;
             (
@@ -147,7 +147,6 @@ pub fn backend_status(
                 st.uploaded_chunks.load(Ordering::Relaxed),
                 st.throughput(),
                 st.failed_puts.load(Ordering::Relaxed),
-                st.bad_chunks.load(Ordering::Relaxed),
                 st.last_error.lock().clone(),
             )
         }
@@ -156,11 +155,11 @@ pub fn backend_status(
             0,
             0.0,
             0,
-            0,
             None,
         ),
     };
-    let bad = bad.max(count_bad(fs, cfg.id)?);
+    // One record per chunk refused before upload (`Lane::refuse`), kept across restarts.
+    let bad = count_bad(fs, cfg.id)?;
     let members = lane.map_or_else(Vec::new, |l| l.backend.members());
     Ok(BackendStatus {
         name: cfg.name.clone(),
