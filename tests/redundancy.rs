@@ -11,6 +11,10 @@
 //!   `scrub` and repaired from the other member.
 //! - a plain `dir:` backend: a local chunk damaged on disk is healed by a read through the
 //!   mount; a flipped byte in a backend object is found by `scrub` and re-uploaded.
+//! - objects a complete snapshot needs deleted from the backend (chunks, trees, file maps):
+//!   `scrub` names them, `--repair` uploads the chunks again and rebuilds the metadata from
+//!   the local snapshot, `recover` is then byte-identical; without the local snapshot the
+//!   metadata is reported unrepairable.
 
 mod common;
 
@@ -60,6 +64,16 @@ fn mount_replicating(store: &Path, mnt: &Path, spec: &str) -> Mount {
     cmd.arg("mount").arg(store).arg(mnt);
     cmd.args(["--replicate", spec, "--degrade-after", "1s"]);
     Mount::spawn(cmd, store, mnt)
+}
+
+/// A store in `tmp` mounted, replicating to one `dir:` backend: (backend directory, spec,
+/// store, mountpoint, mount).
+fn plain_backend(tmp: &Path) -> (PathBuf, String, PathBuf, PathBuf, Mount) {
+    let backend = tmp.join("backend");
+    let spec = format!("dir:{}", backend.display());
+    let (store, mnt) = (tmp.join("store"), tmp.join("mnt"));
+    let m = mount_replicating(&store, &mnt, &spec);
+    (backend, spec, store, mnt, m)
 }
 
 fn recover(spec: &str, store: &Path) -> (bool, String, String) {
@@ -274,10 +288,7 @@ fn mirror_of_two_loses_one_member() {
 fn self_healing_read_and_scrub_of_a_plain_backend() {
     require_fuse!();
     let tmp = tempfile::tempdir().unwrap();
-    let backend = tmp.path().join("backend");
-    let spec = format!("dir:{}", backend.display());
-    let (store, mnt) = (tmp.path().join("store"), tmp.path().join("mnt"));
-    let m = mount_replicating(&store, &mnt, &spec);
+    let (backend, _spec, store, mnt, m) = plain_backend(tmp.path());
     let data = bytes(8, 4 << 20);
     fs::write(m.path("f"), &data).unwrap();
     snapshot_and_wait(&mnt, "s1");
@@ -316,4 +327,87 @@ fn self_healing_read_and_scrub_of_a_plain_backend() {
     let out = ok(&["scrub", st, "--repair"]);
     assert!(out.contains("re-uploaded from the local store"), "{out}");
     assert!(ok(&["scrub", st]).contains("scrub clean"));
+}
+
+/// Objects that complete snapshots need, deleted from the backend behind snapfs's back: scrub
+/// walks every snapshot from its marker and names what is missing; `--repair` uploads the
+/// chunks again from the store and rebuilds the lost metadata from the local snapshot.
+#[test]
+fn scrub_finds_objects_that_snapshots_need() {
+    require_fuse!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (backend, spec, store, mnt, m) = plain_backend(tmp.path());
+    write_files(&mnt, "ckpt-1", 3);
+    snapshot_and_wait(&mnt, "c1");
+    write_files(&mnt, "ckpt-2", 4);
+    snapshot_and_wait(&mnt, "c2");
+    let before = tree(&mnt);
+    m.stop();
+    let st = store.to_str().unwrap();
+    let out = ok(&["scrub", st]);
+    assert!(out.contains("scrub clean"), "{out}");
+    assert!(out.contains("(2 complete snapshots walked)"), "{out}");
+
+    // One chunk lost: scrub names it and the snapshots that need it; the object pass alone
+    // (which checks what is there) would not.
+    let objs = objects(&backend);
+    let chunks: Vec<&PathBuf> = objs.iter().filter(|p| p.starts_with("chunks")).collect();
+    let metas: Vec<&PathBuf> = objs.iter().filter(|p| p.starts_with("meta")).collect();
+    let lost = chunks[chunks.len() / 2];
+    fs::remove_file(backend.join(lost)).unwrap();
+    let hex = lost.file_name().unwrap().to_str().unwrap().to_string();
+    let (good, out, _) = cli(&["scrub", st]);
+    assert!(!good, "scrub must fail on a missing chunk: {out}");
+    assert!(out.contains(&format!("needs chunk {hex}")), "{out}");
+    println!("{out}");
+
+    // Every metadata object lost too: the roots are missing, nothing below can be checked.
+    for p in &metas {
+        fs::remove_file(backend.join(p)).unwrap();
+    }
+    let (good, out, _) = cli(&["scrub", st]);
+    assert!(!good, "{out}");
+    assert!(out.contains("nothing below it can be checked"), "{out}");
+    let (good, _, err) = recover(&spec, &tmp.path().join("r0"));
+    assert!(!good, "recover must fail without the metadata");
+    println!("recover without the metadata: {}", err.trim());
+
+    // --repair rebuilds the metadata from the local snapshots, then walks below and uploads
+    // the chunk again; a second scrub is clean and recover is byte-identical.
+    let out = ok(&["scrub", st, "--repair", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let needed = &v["backends"][0]["needed"];
+    println!("scrub --repair, objects snapshots need: {needed}");
+    assert_eq!(needed["bad"], needed["repaired"], "{needed}");
+    assert_eq!(needed["unrepairable"], 0, "{needed}");
+    let f = v["findings"].to_string();
+    assert!(f.contains(&format!("needs chunk {hex}")), "{f}");
+    assert!(f.contains("re-uploaded from the local store"), "{f}");
+    assert!(f.contains("rebuilt from the local snapshot"), "{f}");
+    assert_eq!(
+        objects(&backend),
+        objs,
+        "the same objects as before the loss"
+    );
+    let out = ok(&["scrub", st]);
+    assert!(out.contains("scrub clean"), "{out}");
+    let store2 = tmp.path().join("store2");
+    let (good, _, err) = recover(&spec, &store2);
+    assert!(good, "recover after the repair: {err}");
+    let m2 = Mount::start(&store2, &mnt);
+    assert_eq!(tree(&mnt), before, "recovered after scrub --repair");
+    m2.stop();
+
+    // Without the local snapshot nothing can rebuild its metadata: unrepairable, exit 1.
+    ok(&["snapshot", "delete", st, "c1"]);
+    ok(&["snapshot", "delete", st, "c2"]);
+    for p in &metas {
+        fs::remove_file(backend.join(p)).unwrap();
+    }
+    let (good, out, _) = cli(&["scrub", st, "--repair"]);
+    assert!(!good, "{out}");
+    assert!(
+        out.contains("UNREPAIRABLE: the local store has no snapshot of that name"),
+        "{out}"
+    );
 }

@@ -325,6 +325,25 @@ fn drill(t: Target, mib: usize) {
         s["backup_window_seconds"],
         s["backup_efficiency_bytes_per_sec"]
     );
+    let created = |mnt: &Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&["snapshot", "list", mnt.to_str().unwrap(), "--json"]))
+                .unwrap();
+        let v = v.get("snapshots").cloned().unwrap_or(v);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].clone(),
+                    s["created"].clone(),
+                    s["created_unix"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let times = created(&mnt);
+    assert_eq!(times.len(), 1, "{times:?}");
     // The disk is lost: kill -9, and the store is gone.
     m.kill();
     fs::remove_dir_all(&store).unwrap();
@@ -365,6 +384,12 @@ fn drill(t: Target, mib: usize) {
     assert_same(&before, &manifest(&mnt));
     let list = ok(&["snapshot", "list", mnt.to_str().unwrap()]);
     assert!(list.contains("ckpt-100"), "{list}");
+    // The snapshot keeps the time it was taken, not the time it was recovered.
+    assert_eq!(
+        created(&mnt),
+        times,
+        "recover changed the snapshot's creation time"
+    );
     // The snapshot view holds the same tree.
     assert_same(&before, &manifest(&mnt.join(".snapshots/ckpt-100")));
     m.stop();

@@ -149,6 +149,19 @@ impl Fs {
         durable: bool,
         automatic: bool,
     ) -> Result<SnapshotInfo> {
+        self.snapshot_create_full(name, durable, automatic, None)
+    }
+
+    /// `snapshot_create_as` with the creation time given rather than now: `recover` rebuilds
+    /// a snapshot with the time its marker records, so that retention (`--keep-daily` and
+    /// the like) and `snapshot list` see the original. Epochs still order snapshots.
+    pub fn snapshot_create_full(
+        &self,
+        name: &str,
+        durable: bool,
+        automatic: bool,
+        created: Option<Time>,
+    ) -> Result<SnapshotInfo> {
         check_snapshot_name(name).map_err(|_| FsError::Invalid)?;
         self.write_epoch()?;
         // A snapshot adds little, but it pins what deletions would free on a full disk.
@@ -188,7 +201,7 @@ impl Fs {
             return Err(FsError::Exists);
         }
         let e = self.write_epoch()?;
-        let now = Time::now();
+        let now = created.unwrap_or_else(Time::now);
         let info = SnapshotInfo {
             name: name.to_string(),
             epoch: e,

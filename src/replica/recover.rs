@@ -295,7 +295,7 @@ pub fn build_remote(b: std::sync::Arc<dyn Backend>, dir: &Path, name: &str) -> R
     rb.attrs(ROOT_INO, &m.root)?;
     store
         .fs
-        .snapshot_create_as(&m.name, true, m.automatic)
+        .snapshot_create_full(&m.name, true, m.automatic, Some(m.created))
         .map_err(|e| format!("cannot create snapshot {}: {e}", m.name))?;
     store
         .fs
@@ -394,7 +394,7 @@ fn recover_into(
         };
         rb.dir(ROOT_INO, &root, 0)?;
         rb.attrs(ROOT_INO, &m.root)?;
-        fs.snapshot_create_as(&m.name, true, m.automatic)
+        fs.snapshot_create_full(&m.name, true, m.automatic, Some(m.created))
             .map_err(|e| format!("cannot create snapshot {}: {e}", m.name))?;
         rb.progress.snapshots_done += 1;
         (rb.report)(&rb.progress);

@@ -25,6 +25,8 @@ use crate::replica::format;
 use crate::replica::lane::TokenBucket;
 use crate::storage::keys::ChunkId;
 
+mod reach;
+
 /// At most this many findings are listed (the counts hold them all).
 const MAX_FINDINGS: usize = 1000;
 
@@ -36,6 +38,13 @@ pub struct BackendScrub {
     pub objects: ScrubCounts,
     /// Copies: one per object on a plain backend, one per member (mirror) or shard (ec).
     pub copies: ScrubCounts,
+    /// The complete snapshots walked from their markers (`reach.rs`).
+    #[serde(default)]
+    pub snapshots: u64,
+    /// Objects those snapshots need: checked = distinct objects reached, bad = not on the
+    /// backend.
+    #[serde(default)]
+    pub needed: ScrubCounts,
     /// Why the scrub of this backend stopped early, if it did.
     pub error: Option<String>,
 }
@@ -57,10 +66,9 @@ impl ScrubReport {
     pub fn clean(&self) -> bool {
         let left = |c: &ScrubCounts| c.bad > c.repaired;
         !self.local.as_ref().is_some_and(left)
-            && self
-                .backends
-                .iter()
-                .all(|b| !left(&b.objects) && !left(&b.copies) && b.error.is_none())
+            && self.backends.iter().all(|b| {
+                !left(&b.objects) && !left(&b.copies) && !left(&b.needed) && b.error.is_none()
+            })
     }
 
     fn finding(&mut self, f: String) {
@@ -187,6 +195,16 @@ pub fn run(
             spec: spec.clone(),
             ..Default::default()
         };
+        // Listed before the objects: every object these need is in the later listing.
+        let markers = match reach::markers(b.as_ref()) {
+            Ok(m) => m,
+            Err(e) => {
+                s.error = Some(e);
+                rep.backends.push(s);
+                continue;
+            }
+        };
+        let mut listed = reach::Listed::default();
         'prefixes: for p in format::listing_prefixes() {
             let names = match b.list(&p) {
                 Ok(n) => n,
@@ -196,6 +214,7 @@ pub fn run(
                 }
             };
             for obj in names {
+                listed.note(&obj);
                 if let Err(e) =
                     scrub_object(fs, b.as_ref(), &obj, o, bucket.as_ref(), &mut s, &mut rep)
                 {
@@ -212,6 +231,30 @@ pub fn run(
                     s.error = Some("stopped: the client went away".into());
                     break 'prefixes;
                 }
+            }
+        }
+        if s.error.is_none() {
+            let mut tick_walk = |c: &ScrubCounts| {
+                let n = c.checked;
+                tick(&|| format!("scrub: backend {name}: {n} objects snapshots need checked"))
+            };
+            match reach::walk(
+                fs,
+                name,
+                b.as_ref(),
+                &markers,
+                &listed,
+                o.repair,
+                &mut tick_walk,
+            ) {
+                Ok(w) => {
+                    s.snapshots = w.snapshots;
+                    s.needed = w.counts;
+                    for f in w.findings {
+                        rep.finding(f);
+                    }
+                }
+                Err(e) => s.error = Some(e),
             }
         }
         rep.backends.push(s);
@@ -380,6 +423,15 @@ pub fn to_text(r: &ScrubReport) -> String {
             s,
             "{}",
             line(&format!("backend {} copies", b.name), &b.copies)
+        );
+        let _ = writeln!(
+            s,
+            "{} ({} complete snapshots walked)",
+            line(
+                &format!("backend {} objects that snapshots need", b.name),
+                &b.needed
+            ),
+            b.snapshots
         );
         if let Some(e) = &b.error {
             let _ = writeln!(s, "backend {}: scrub incomplete: {e}", b.name);
