@@ -146,44 +146,51 @@ pub fn run(
             let Some(last_id) = page.last().map(|x| x.0) else {
                 break;
             };
-            for (id, stored) in page {
-                if let Some(b) = &bucket {
-                    b.take(stored as usize);
-                }
-                let r = fs.scrub_chunk(&id, o.repair);
-                c.checked += 1;
-                c.bytes += stored as u64;
-                match r {
-                    Ok(LocalChunk::Good) | Ok(LocalChunk::Gone) => {}
-                    Ok(LocalChunk::Bad { healed, why }) => {
-                        c.bad += 1;
-                        if healed {
-                            c.repaired += 1;
-                        } else if o.repair {
-                            c.unrepairable += 1;
+            let go = par_each(
+                page.into_iter(),
+                threads(false),
+                |(id, stored)| {
+                    if let Some(b) = &bucket {
+                        b.take(stored as usize);
+                    }
+                    (id, stored, fs.scrub_chunk(&id, o.repair))
+                },
+                |(id, stored, r)| {
+                    c.checked += 1;
+                    c.bytes += stored as u64;
+                    match r {
+                        Ok(LocalChunk::Good) | Ok(LocalChunk::Gone) => {}
+                        Ok(LocalChunk::Bad { healed, why }) => {
+                            c.bad += 1;
+                            if healed {
+                                c.repaired += 1;
+                            } else if o.repair {
+                                c.unrepairable += 1;
+                            }
+                            let fate = if healed {
+                                "repaired from a backend"
+                            } else if o.repair {
+                                "UNREPAIRABLE"
+                            } else {
+                                "bad"
+                            };
+                            rep.finding(format!("local chunk {}: {why}: {fate}", format::hex(&id)));
                         }
-                        let fate = if healed {
-                            "repaired from a backend"
-                        } else if o.repair {
-                            "UNREPAIRABLE"
-                        } else {
-                            "bad"
-                        };
-                        rep.finding(format!("local chunk {}: {why}: {fate}", format::hex(&id)));
+                        Err(e) => {
+                            c.bad += 1;
+                            c.unrepairable += 1;
+                            rep.finding(format!(
+                                "local chunk {}: cannot read: {e}",
+                                format::hex(&id)
+                            ));
+                        }
                     }
-                    Err(e) => {
-                        c.bad += 1;
-                        c.unrepairable += 1;
-                        rep.finding(format!(
-                            "local chunk {}: cannot read: {e}",
-                            format::hex(&id)
-                        ));
-                    }
-                }
-                let (n, bytes) = (c.checked, c.bytes);
-                if !tick(&|| format!("scrub: local: {n} chunks checked ({} MiB)", bytes >> 20)) {
-                    break 'pages;
-                }
+                    let (n, bytes) = (c.checked, c.bytes);
+                    tick(&|| format!("scrub: local: {n} chunks checked ({} MiB)", bytes >> 20))
+                },
+            );
+            if !go {
+                break 'pages;
             }
             after = Some(last_id);
         }
@@ -205,21 +212,33 @@ pub fn run(
             }
         };
         let mut listed = reach::Listed::default();
-        'prefixes: for p in format::listing_prefixes() {
-            let names = match b.list(&p) {
-                Ok(n) => n,
-                Err(e) => {
-                    s.error = Some(format!("cannot list {p}: {e}"));
-                    break;
-                }
+        // Listed prefix by prefix on this thread, examined (read, rebuilt, verified) on
+        // several, recorded (counted, repaired from the store) here again.
+        let listing = format::listing_prefixes().into_iter().flat_map(|p| {
+            let r: Vec<Result<String, String>> = match b.list(&p) {
+                Ok(n) => n.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(format!("cannot list {p}: {e}"))],
             };
-            for obj in names {
-                listed.note(&obj);
-                if let Err(e) =
-                    scrub_object(fs, b.as_ref(), &obj, o, bucket.as_ref(), &mut s, &mut rep)
-                {
-                    s.error = Some(e);
-                    break 'prefixes;
+            r
+        });
+        par_each(
+            listing,
+            threads(true),
+            |item| {
+                let name = item?;
+                examine(b.as_ref(), name, o, bucket.as_ref())
+            },
+            |r| {
+                match r {
+                    Ok(Some(x)) => {
+                        listed.note(&x.name);
+                        record(fs, b.as_ref(), x, o, &mut s, &mut rep);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        s.error.get_or_insert(e);
+                        return false;
+                    }
                 }
                 let (n, bytes) = (s.objects.checked, s.objects.bytes);
                 if !tick(&|| {
@@ -229,10 +248,11 @@ pub fn run(
                     )
                 }) {
                     s.error = Some("stopped: the client went away".into());
-                    break 'prefixes;
+                    return false;
                 }
-            }
-        }
+                true
+            },
+        );
         if s.error.is_none() {
             let mut tick_walk = |c: &ScrubCounts| {
                 let n = c.checked;
@@ -284,26 +304,51 @@ fn verify(name: &str, obj: &[u8]) -> Result<(), String> {
     r.map_err(|e| e.to_string())
 }
 
-fn scrub_object(
-    fs: &Fs,
+/// An object read back and checked, on a worker thread.
+struct Examined {
+    name: String,
+    ins: crate::replica::backend::Inspection,
+    /// Why the rebuilt object is not what its name says, if it is not.
+    problem: Option<String>,
+}
+
+/// Reads and checks one object (every copy, then the whole); `None` if it was deleted since
+/// the listing.
+fn examine(
     b: &dyn Backend,
-    name: &str,
+    name: String,
     o: &Options,
     bucket: Option<&TokenBucket>,
-    s: &mut BackendScrub,
-    rep: &mut ScrubReport,
-) -> Result<(), String> {
-    let ins = match b.inspect(name, o.repair) {
+) -> Result<Option<Examined>, String> {
+    let ins = match b.inspect(&name, o.repair) {
         Ok(i) => i,
-        Err(BackendError::NotFound) => return Ok(()), // deleted since the listing
+        Err(BackendError::NotFound) => return Ok(None),
         Err(e) => return Err(format!("{name}: {e}")),
     };
+    if let (Some(obj), Some(bk)) = (&ins.object, bucket) {
+        bk.take(obj.len());
+    }
+    let problem = match &ins.object {
+        None => Some(ins.error.clone().unwrap_or_else(|| "cannot be read".into())),
+        Some(obj) => verify(&name, obj).err(),
+    };
+    Ok(Some(Examined { name, ins, problem }))
+}
+
+/// Counts what `examine` found, and with `--repair` uploads a bad chunk again from the store.
+fn record(
+    fs: &Fs,
+    b: &dyn Backend,
+    x: Examined,
+    o: &Options,
+    s: &mut BackendScrub,
+    rep: &mut ScrubReport,
+) {
+    let Examined { name, ins, problem } = x;
+    let name = name.as_str();
     s.objects.checked += 1;
     if let Some(obj) = &ins.object {
         s.objects.bytes += obj.len() as u64;
-        if let Some(bk) = bucket {
-            bk.take(obj.len());
-        }
     }
     for (i, (member, state)) in ins.members.iter().enumerate() {
         s.copies.checked += 1;
@@ -337,12 +382,8 @@ fn scrub_object(
             s.name
         ));
     }
-    let problem = match &ins.object {
-        None => Some(ins.error.clone().unwrap_or_else(|| "cannot be read".into())),
-        Some(obj) => verify(name, obj).err(),
-    };
     let Some(why) = problem else {
-        return Ok(());
+        return;
     };
     s.objects.bad += 1;
     let mut fate = "bad".to_string();
@@ -359,7 +400,63 @@ fn scrub_object(
         };
     }
     rep.finding(format!("{}: object {name}: {why}: {fate}", s.name));
-    Ok(())
+}
+
+/// Worker threads: the cores for local chunks (hashing bound); at least 8 for a backend,
+/// whose reads wait on a network or a disk.
+fn threads(backend: bool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if backend {
+        cores.clamp(8, 16)
+    } else {
+        cores.clamp(1, 16)
+    }
+}
+
+/// Runs `work` over `items` on `n` threads and hands each result to `sink` on the calling
+/// thread, in the order they finish; stops feeding items once `sink` returns false (the
+/// items in flight are finished and dropped). Returns whether every item was handed over.
+/// At most `n` items wait and `n` are worked on; results are taken after each item is
+/// handed over, so at most about `2 n + 1` wait to be taken: memory stays bounded whatever
+/// the count. (The result channel is unbounded so that a worker never waits on the caller
+/// while the caller waits to hand it an item.)
+fn par_each<T: Send, R: Send>(
+    items: impl Iterator<Item = T>,
+    n: usize,
+    work: impl Fn(T) -> R + Sync,
+    mut sink: impl FnMut(R) -> bool,
+) -> bool {
+    let (tx, rx) = crossbeam_channel::bounded::<T>(n);
+    let (rtx, rrx) = crossbeam_channel::unbounded::<R>();
+    std::thread::scope(|sc| {
+        for _ in 0..n {
+            let (rx, rtx, work) = (rx.clone(), rtx.clone(), &work);
+            sc.spawn(move || {
+                for t in rx {
+                    if rtx.send(work(t)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop((rx, rtx));
+        let mut go = true;
+        let mut all = true;
+        for item in items {
+            if !go || tx.send(item).is_err() {
+                all = false;
+                break;
+            }
+            while let Ok(r) = rrx.try_recv() {
+                go = go && sink(r);
+            }
+        }
+        drop(tx);
+        for r in rrx {
+            go = go && sink(r);
+        }
+        go && all
+    })
 }
 
 fn reupload_chunk(fs: &Fs, b: &dyn Backend, name: &str) -> Result<(), String> {
@@ -448,4 +545,45 @@ pub fn to_text(r: &ScrubReport) -> String {
         r.seconds
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::par_each;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn par_each_hands_over_every_result_once() {
+        let mut got: Vec<u64> = Vec::new();
+        let all = par_each(0..10_000u64, 4, |i| i * 2, |r| {
+            got.push(r);
+            true
+        });
+        assert!(all);
+        got.sort_unstable();
+        assert_eq!(got, (0..10_000u64).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn par_each_stops_feeding_when_told() {
+        let worked = AtomicUsize::new(0);
+        let mut seen = 0;
+        let all = par_each(
+            0..100_000u32,
+            3,
+            |i| {
+                worked.fetch_add(1, Ordering::Relaxed);
+                i
+            },
+            |_| {
+                seen += 1;
+                seen < 10
+            },
+        );
+        assert!(!all);
+        assert_eq!(seen, 10, "nothing is handed over after the sink said stop");
+        // Only what was in flight when it stopped was worked on: a few times the threads.
+        let w = worked.load(Ordering::Relaxed);
+        assert!(w < 100, "{w} items worked on after the stop");
+    }
 }
