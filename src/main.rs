@@ -74,9 +74,15 @@ enum Cmd {
         /// s3://BUCKET[/PREFIX]), read-only, fetching chunks when first read; no store needed.
         #[arg(long, requires = "snapshot", conflicts_with = "replicate")]
         from: Option<String>,
-        /// Where --from keeps its temporary metadata store (default: the system temp dir).
+        /// Where --from keeps its temporary metadata store and its disk cache (default: the
+        /// system temp dir).
         #[arg(long, requires = "from")]
         cache_dir: Option<PathBuf>,
+        /// Disk space for chunks --from fetched, kept until unmount so that a second read
+        /// does not fetch them again (least recently used go first; 0: none). Default: 4GiB,
+        /// or a quarter of the cache directory's free space if that is less.
+        #[arg(long, requires = "from", value_parser = parse_size)]
+        disk_cache: Option<usize>,
         /// Serve replication and space figures as Prometheus text on this address, e.g.
         /// 127.0.0.1:9187 (GET /metrics).
         #[arg(long)]
@@ -558,6 +564,7 @@ fn main() -> ExitCode {
             mountpoint,
             from,
             cache_dir,
+            disk_cache,
             metrics_addr,
             allow_other,
             threads,
@@ -615,6 +622,7 @@ fn main() -> ExitCode {
                 replicate,
                 from,
                 cache_dir,
+                disk_cache_bytes: disk_cache.map(|b| b as u64),
                 metrics_addr,
             })
         })(),

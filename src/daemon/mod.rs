@@ -47,12 +47,23 @@ pub struct MountArgs {
     pub from: Option<crate::replica::backend::config::BackendConfig>,
     /// Where `--from` keeps its temporary metadata store (default: the system temp dir).
     pub cache_dir: Option<PathBuf>,
+    /// `--disk-cache`: bytes of fetched chunks `--from` keeps on disk (None: the default).
+    pub disk_cache_bytes: Option<u64>,
     /// Serve Prometheus text on this address (`--metrics-addr`).
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// Set on the store's chunk cache after it opens: chunks come from this backend.
-struct Remote(Arc<dyn crate::replica::backend::Backend>);
+/// Set on the store's chunk cache after it opens: chunks come from this backend, through a
+/// disk cache of this many bytes.
+struct Remote(Arc<dyn crate::replica::backend::Backend>, u64);
+
+/// `--disk-cache` unless given: 4 GiB, or a quarter of the free space where it goes.
+fn default_disk_cache(dir: &Path) -> u64 {
+    let free = crate::sys::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(0);
+    (4u64 << 30).min(free / 4)
+}
 
 /// `mount --from SPEC --snapshot NAME MNT`: the snapshot's metadata is read from the backend
 /// into a temporary store (0700, deleted at unmount), and its chunks are fetched from the
@@ -85,7 +96,10 @@ fn run_mount_from(
             replicate: None,
             ..a.clone()
         };
-        run_mount_inner(&args, Some(Remote(backend)))
+        let budget = a
+            .disk_cache_bytes
+            .unwrap_or_else(|| default_disk_cache(&base));
+        run_mount_inner(&args, Some(Remote(backend, budget)))
     });
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         log::warn!("cannot remove the temporary store {}: {e}", dir.display());
@@ -313,11 +327,19 @@ fn run_mount_inner(a: &MountArgs, remote: Option<Remote>) -> Result<(), String> 
     );
     store.fs.chunk_cache().set_capacity(a.cache_bytes);
     store.fs.set_write_budget(a.write_buffer_bytes);
-    if let Some(Remote(b)) = remote {
-        store
-            .fs
-            .chunk_cache()
-            .set_remote(Arc::new(crate::replica::recover::BackendChunks(b)));
+    let mut disk_cache = None;
+    if let Some(Remote(b, budget)) = remote {
+        let from = Arc::new(crate::replica::recover::BackendChunks(b));
+        let cache =
+            crate::replica::fetched::DiskCache::new(from, store.dir.join("fetched"), budget)?;
+        log::info!(
+            "fetched chunks are kept on disk up to {} ({})",
+            report::human(budget),
+            store.dir.join("fetched").display()
+        );
+        let cache = Arc::new(cache);
+        store.fs.chunk_cache().set_remote(cache.clone());
+        disk_cache = Some(cache);
     }
     let views = Arc::new(Views::new(store.fs.clone()));
     Views::start_reaper(&views, view_idle());
@@ -383,6 +405,17 @@ fn run_mount_inner(a: &MountArgs, remote: Option<Remote>) -> Result<(), String> 
     log::info!("mounted {} on {}", store.dir.display(), mnt.display());
     let served = session.run();
     log::info!("unmounted; sealing buffers and closing the store");
+    if let Some(c) = &disk_cache {
+        use std::sync::atomic::Ordering::Relaxed;
+        log::info!(
+            "disk cache: {} chunks read from it, {} fetched from the backend, {} dropped as \
+             damaged, {} held at the end",
+            c.counts.hits.load(Relaxed),
+            c.counts.fetched.load(Relaxed),
+            c.counts.dropped_bad.load(Relaxed),
+            report::human(c.held())
+        );
+    }
     for (_, m) in ctx.snap_mounts.lock().iter() {
         if *m != mnt {
             let _ = crate::sys::umount(m, true);

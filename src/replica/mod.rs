@@ -15,6 +15,7 @@
 //! it only as backend ids whose queues it fills in its own batches (`fs/queue.rs`).
 
 pub mod backend;
+pub mod fetched;
 pub mod format;
 pub mod lane;
 pub mod manifest;

@@ -555,10 +555,15 @@ mod tests {
     #[test]
     fn par_each_hands_over_every_result_once() {
         let mut got: Vec<u64> = Vec::new();
-        let all = par_each(0..10_000u64, 4, |i| i * 2, |r| {
-            got.push(r);
-            true
-        });
+        let all = par_each(
+            0..10_000u64,
+            4,
+            |i| i * 2,
+            |r| {
+                got.push(r);
+                true
+            },
+        );
         assert!(all);
         got.sort_unstable();
         assert_eq!(got, (0..10_000u64).map(|i| i * 2).collect::<Vec<_>>());
