@@ -138,6 +138,11 @@ cmd_stop() {
 cmd_drill() {
   local mib=${1:-512} tmp passed=0 failed=0
   [ -x "$SNAPFS_BIN" ] || die "build snapfs first ($SNAPFS_BIN)"
+  if [ ! -e /dev/fuse ]; then
+    echo "SKIPPED: /dev/fuse is absent (the drill mounts snapfs)"
+    echo "0 passed, 0 failed"
+    return 0
+  fi
   tmp=$(mktemp -d /var/tmp/snapfs-cluster.XXXXXX)
   trap "umount -l '$tmp/mnt' 2>/dev/null || true; '$here/garage-cluster.sh' stop '$tmp/cluster' || true; rm -rf '$tmp'" EXIT
   check() { local name=$1; shift; if "$@"; then passed=$((passed + 1)); echo "ok   $name"; else failed=$((failed + 1)); echo "FAIL $name"; fi; }
@@ -154,8 +159,14 @@ cmd_drill() {
   # The checkpoint is written and replicated while node 3 dies (node 1 serves S3).
   (dd if="$tmp/ckpt.src" of="$tmp/mnt/ckpt/model.pt" bs=1M conv=fsync status=none) &
   local writer=$!
-  sleep 2
+  sleep 1
   DIR="$tmp/cluster" cmd_kill "$tmp/cluster" 3
+  # The node must die mid-replication, or the drill shows nothing: chunks still queued.
+  local pending
+  pending=$("$SNAPFS_BIN" status "$tmp/mnt" --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["backends"][0]["pending_chunks"])')
+  echo "     ($pending chunks not yet uploaded when node 3 died)"
+  check "node 3 died while the checkpoint replicated" test "$pending" -gt 0
   check "the checkpoint is written and fsynced with a node down" wait "$writer"
   "$SNAPFS_BIN" snapshot create "$tmp/mnt" ckpt-1 >/dev/null
   local t0=$SECONDS
@@ -177,8 +188,9 @@ cmd_drill() {
   check "the recovered checkpoint is byte-identical" test "$got" = "$want"
   "$SNAPFS_BIN" umount "$tmp/mnt" >/dev/null 2>&1 || true
   wait "$daemon" 2>/dev/null || true
-  DIR="$tmp/cluster" cmd_revive "$tmp/cluster" 3
-  check "node 3 rejoins" true
+  DIR="$tmp/cluster"
+  start_node 3
+  check "node 3 rejoins (every node's health endpoint answers 200)" wait_healthy 200
   echo "$passed passed, $failed failed"
   [ "$failed" = 0 ]
 }

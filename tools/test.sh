@@ -33,6 +33,8 @@ step "cargo test: deterministic interleavings through failpoints"
 cargo test --release --locked --features failpoints --test interleavings 2>&1 | tee -a "$logs/cargo-test.log"
 step "cargo test: the power-loss harness catches a build whose fsync does not sync"
 cargo test --release --locked --features failpoints --test powerloss -- catches 2>&1 | tee -a "$logs/cargo-test.log"
+step "garage: a 3-node cluster (replication factor 3), one node killed while a checkpoint replicates; recover"
+"$here/garage-cluster.sh" drill 256 2>&1 | tee "$logs/garage-cluster.log"
 step "pjdfstest against a live mount"
 "$here/pjdfstest.sh" 2>&1 | tee "$logs/pjdfstest.log"
 step "fsx against a live mount"
@@ -41,7 +43,7 @@ step "fsx against a live mount"
 passed=0 failed=0
 while read -r p f; do passed=$((passed + p)); failed=$((failed + f)); done < <(
   sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$logs/cargo-test.log"
-  grep -h -E '^[0-9]+ passed, [0-9]+ failed' "$logs/garage-selftest.log" "$logs/pjdfstest.log" "$logs/fsx.log" | sed 's/^\([0-9]*\) passed, \([0-9]*\) failed.*/\1 \2/')
+  grep -h -E '^[0-9]+ passed, [0-9]+ failed' "$logs/garage-selftest.log" "$logs/garage-cluster.log" "$logs/pjdfstest.log" "$logs/fsx.log" | sed 's/^\([0-9]*\) passed, \([0-9]*\) failed.*/\1 \2/')
 rm -rf "$logs"
 step "all checks passed"
 echo "total: $passed passed, $failed failed"
