@@ -5,7 +5,8 @@
 //! the object's name, and the directory fsynced; directories created on the way (mode
 //! 0700) were fsynced into their parents. A reader sees the old object or the new one,
 //! never a part; after a crash the object is there whole (or, if `put` had not returned,
-//! the old one is, plus maybe a stale temporary file that `list` never shows).
+//! the old one is, plus maybe a stale temporary file that `list` never shows and deletes
+//! once it is a day old).
 //!
 //! The root is the operator's path and is opened as given; everything inside it is walked
 //! one component at a time with `openat(O_NOFOLLOW)`, so a symlink planted inside the root
@@ -28,6 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Makes temporary file names unique within this process (the pid tells processes apart).
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Age after which a listing deletes a temporary file: a day.
+const STALE_TEMP_SECS: i64 = 24 * 3600;
 
 pub struct DirBackend {
     root: PathBuf,
@@ -168,6 +172,29 @@ impl DirBackend {
         )))
     }
 
+    /// A temporary file older than [`STALE_TEMP_SECS`] is left by a put that never finished
+    /// (the process was killed between its create and its rename): listings delete it, so
+    /// that kill -9 mid-upload leaks no space for long. No put takes that long (a chunk is
+    /// at most a few MiB).
+    fn sweep_stale_temp(&self, dir: &File, rel: &str, n: &str) {
+        let Ok(st) = sys::fstatat_nofollow(dir, os(n)) else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || now - st.st_mtime < STALE_TEMP_SECS {
+            return;
+        }
+        match sys::unlinkat(dir, os(n)) {
+            Ok(()) => log::info!(
+                "{}: deleted {rel}/{n}, a temporary file an interrupted upload left",
+                self.describe()
+            ),
+            Err(e) => log::debug!("{}: cannot delete {rel}/{n}: {e}", self.describe()),
+        }
+    }
+
     fn collect(
         &self,
         dir: &File,
@@ -182,6 +209,7 @@ impl DirBackend {
                 continue;
             };
             if n.starts_with(TMP_PREFIX) {
+                self.sweep_stale_temp(dir, rel, n);
                 continue;
             }
             let full = if rel.is_empty() {

@@ -253,3 +253,27 @@ fn put_parts_stores_the_parts_joined() {
     assert_eq!(b.get("chunks/ab/none").unwrap(), b"");
     assert!(b.put_parts("../x", &[b"a", b"b"]).is_err());
 }
+
+#[test]
+fn stale_temporary_files_are_swept_by_listings() {
+    let (_t, b) = backend();
+    b.put("chunks/ab/abc", b"x").unwrap();
+    let dir = b.root().join("chunks/ab");
+    let old = dir.join(format!("{TMP_PREFIX}1.1"));
+    let fresh = dir.join(format!("{TMP_PREFIX}1.2"));
+    std::fs::write(&old, b"half an upload").unwrap();
+    std::fs::write(&fresh, b"an upload in progress").unwrap();
+    let two_days = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_days)
+        .unwrap();
+    assert_eq!(
+        b.list("chunks/").unwrap(),
+        vec!["chunks/ab/abc".to_string()]
+    );
+    assert!(!old.exists(), "a day-old temporary file is deleted");
+    assert!(fresh.exists(), "a fresh one is an upload in progress: kept");
+}
