@@ -99,6 +99,19 @@ pub fn render(ctx: &Ctx) -> String {
         "gauge",
         &[(String::new(), c.referenced_bytes as f64)],
     );
+    let (blob, garbage) = ctx.fs.blob_space();
+    metric(
+        "blob_file_bytes",
+        "Bytes of the blob files holding chunk bodies.",
+        "gauge",
+        &[(String::new(), blob as f64)],
+    );
+    metric(
+        "blob_garbage_bytes",
+        "Bytes of deleted chunks kept by blob files that still hold live chunks.",
+        "gauge",
+        &[(String::new(), garbage as f64)],
+    );
     let w = ctx.fs.write_path();
     metric(
         "write_buffered_bytes",

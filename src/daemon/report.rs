@@ -32,6 +32,12 @@ pub struct StoreStat {
     pub snapshots: u64,
     /// Everything under the store directory on disk (RocksDB files, WAL, logs).
     pub disk_bytes: u64,
+    /// Bytes of the blob files holding chunk bodies, and of deleted chunks among them that
+    /// files with live chunks still keep (returned once they are half the blob bytes).
+    #[serde(default)]
+    pub blob_file_bytes: u64,
+    #[serde(default)]
+    pub blob_garbage_bytes: u64,
     /// referenced_bytes / unique_bytes.
     pub dedup_ratio: f64,
     /// unique_bytes / stored_bytes.
@@ -107,7 +113,10 @@ pub fn stat(fs: &Fs, dir: &Path, chunk_size: usize) -> Result<StoreStat, String>
     let space = crate::storage::space::Space::new(dir)
         .map(|s| crate::daemon::space::status(fs, &s))
         .unwrap_or_default();
+    let (blob_file_bytes, blob_garbage_bytes) = fs.blob_space();
     Ok(StoreStat {
+        blob_file_bytes,
+        blob_garbage_bytes,
         space,
         write_path: fs.write_path(),
         self_heals: fs.self_heals(),
@@ -161,7 +170,7 @@ impl StoreStat {
              snapshots:         {}\n\
              live unique bytes: {} ({})\n\
              held by snapshots: {} ({})\n\
-             disk usage:        {} ({})\n\
+             disk usage:        {} ({}; blob files {}, {} of it garbage)\n\
              dedup ratio:       {:.2}x\n\
              compression ratio: {:.2}x\n\
              space:             {} ({} free of {}, floor {}, reserve {})\n\
@@ -189,6 +198,8 @@ impl StoreStat {
             human(self.snapshot_only_bytes),
             self.disk_bytes,
             human(self.disk_bytes),
+            human(self.blob_file_bytes),
+            human(self.blob_garbage_bytes),
             self.dedup_ratio,
             self.compression_ratio,
             self.space.state,

@@ -741,6 +741,12 @@ impl Fs {
         Ok(true)
     }
 
+    /// Bytes of the blob files that hold chunk bodies, and how many of them are garbage
+    /// (deleted chunks in files that still hold live ones; `Engine::reclaim_chunk_space`).
+    pub fn blob_space(&self) -> (u64, u64) {
+        self.eng.blob_space()
+    }
+
     /// Frees chunks whose reference count dropped to zero.
     pub fn collect_garbage(&self) -> Result<u64> {
         if self.view.is_some() {

@@ -37,6 +37,9 @@ const CF_CHUNKS: &str = "chunks";
 /// Values at least this large go to blob files, not SSTs.
 const MIN_BLOB_SIZE: u64 = 16 * 1024;
 
+/// Blob garbage below which live blobs are never relocated (`reclaim_chunk_space`).
+const RELOCATE_MIN_GARBAGE: u64 = 256 << 20;
+
 /// Engine health (`Engine::health`).
 const HEALTHY: u8 = 0;
 /// A write failed for want of space; writes fail with ENOSPC until `resume`.
@@ -67,6 +70,8 @@ pub struct Engine {
     /// Incremented by every `reopen`: what was written without the WAL and not flushed
     /// before a reopen is gone (`write_unlogged`).
     generation: AtomicU64,
+    /// `RELOCATE_MIN_GARBAGE`, settable for tests.
+    relocate_min_garbage: AtomicU64,
 }
 
 pub struct Batch {
@@ -183,7 +188,8 @@ fn chunk_options(write_buffer: usize) -> Options {
     o.set_blob_compression_type(DBCompressionType::None);
     // Blob GC relocates live blobs during every compaction that touches old blob files: on a
     // fresh 1 GiB write that was a full second copy of the data (perf). Space is reclaimed
-    // explicitly instead (`reclaim_chunk_space`).
+    // explicitly instead (`reclaim_chunk_space`), which turns it on for one compaction when
+    // the garbage it would free is worth the copy.
     o.set_enable_blob_gc(false);
     o.set_write_buffer_size(write_buffer);
     o.set_max_write_buffer_number(4);
@@ -255,6 +261,7 @@ impl Engine {
             low_space: AtomicBool::new(false),
             space: std::sync::OnceLock::new(),
             generation: AtomicU64::new(0),
+            relocate_min_garbage: AtomicU64::new(RELOCATE_MIN_GARBAGE),
         })
     }
 
@@ -524,17 +531,102 @@ impl Engine {
     /// all garbage. Live blobs are not rewritten (blob GC stays off), so this costs the size
     /// of the chunk index, not of the data; a blob file that still holds one live chunk keeps
     /// its space until that chunk goes.
+    ///
+    /// That last case is what `relocate_live_blobs` bounds: once the garbage in blob files
+    /// that also hold live chunks is at least half of all blob bytes (and at least
+    /// `RELOCATE_MIN_GARBAGE`), the live blobs are copied to new files and the old ones go.
+    /// A small file written beside a large one (a training log beside a checkpoint) would
+    /// otherwise keep the deleted checkpoint's blob files forever. Disk use of the chunks
+    /// stays under about twice their live bytes, plus that minimum.
     pub fn reclaim_chunk_space(&self) -> Result<()> {
         self.check_writable()?;
+        {
+            let r = self.reader()?;
+            let cf = r.cf(Cf::Chunks);
+            r.db().flush_cf(cf).map_err(|e| self.failed(e))?;
+            // The deleted chunks' bytes also sit in WAL files, which go only once every column
+            // family with entries in them has flushed.
+            r.db()
+                .flush_cf(r.cf(Cf::Meta))
+                .map_err(|e| self.failed(e))?;
+            r.db().compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+        let (total, garbage) = self.blob_space();
+        let min = self.relocate_min_garbage.load(Ordering::Relaxed);
+        if garbage >= min && garbage.saturating_mul(2) >= total {
+            self.relocate_live_blobs(total, garbage)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of the chunk column family's blob files, and how many of them are garbage
+    /// (deleted chunks whose files still hold live ones), as RocksDB accounts them.
+    pub fn blob_space(&self) -> (u64, u64) {
+        let Ok(r) = self.reader() else {
+            return (0, 0);
+        };
+        let cf = r.cf(Cf::Chunks);
+        let prop = |name: &str| {
+            r.db()
+                .property_int_value_cf(cf, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        (
+            prop("rocksdb.live-blob-file-size"),
+            prop("rocksdb.live-blob-file-garbage-size"),
+        )
+    }
+
+    /// Sets the garbage below which `reclaim_chunk_space` never relocates (tests use less).
+    pub fn set_relocate_min_garbage(&self, bytes: u64) {
+        self.relocate_min_garbage.store(bytes, Ordering::Relaxed);
+    }
+
+    /// One compaction of the whole chunk column family with blob GC on for every blob file:
+    /// each live blob is written to a new file, and the old files, now all garbage, are
+    /// deleted. Costs a write of the live bytes; skipped (logged) while free space could not
+    /// hold them twice.
+    fn relocate_live_blobs(&self, total: u64, garbage: u64) -> Result<()> {
+        let live = total.saturating_sub(garbage);
+        let free = crate::sys::statvfs(&self.path)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(0);
+        if self.low_space() || free < live.saturating_add(1 << 30) {
+            log::warn!(
+                "chunk space: {garbage} bytes of garbage share blob files with {live} live \
+                 bytes; not relocating them with only {free} bytes free"
+            );
+            return Ok(());
+        }
+        log::info!(
+            "chunk space: {garbage} of {total} blob bytes are garbage kept by live chunks in \
+             the same files; relocating the {live} live bytes"
+        );
         let r = self.reader()?;
         let cf = r.cf(Cf::Chunks);
-        r.db().flush_cf(cf).map_err(|e| self.failed(e))?;
-        // The deleted chunks' bytes also sit in WAL files, which go only once every column
-        // family with entries in them has flushed.
+        let set = |on: &str, cutoff: &str| {
+            r.db().set_options_cf(
+                cf,
+                &[
+                    ("enable_blob_garbage_collection", on),
+                    ("blob_garbage_collection_age_cutoff", cutoff),
+                ],
+            )
+        };
+        set("true", "1.0").map_err(|e| self.failed(e))?;
+        let mut co = rocksdb::CompactOptions::default();
+        co.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         r.db()
-            .flush_cf(r.cf(Cf::Meta))
-            .map_err(|e| self.failed(e))?;
-        r.db().compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+            .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
+        let reset = set("false", "0.25");
+        drop(r);
+        reset.map_err(|e| self.failed(e))?;
+        let (total2, garbage2) = self.blob_space();
+        log::info!(
+            "chunk space: blob files {total} -> {total2} bytes ({garbage2} bytes of garbage left)"
+        );
         Ok(())
     }
 
@@ -567,5 +659,61 @@ impl Iterator for Scan<'_> {
             r.map(|(k, v)| (k.into_vec(), v.into_vec()))
                 .map_err(FsError::from)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> [u8; 32] {
+        *blake3::hash(&i.to_le_bytes()).as_bytes()
+    }
+
+    fn val(i: u32) -> Vec<u8> {
+        vec![(i % 251) as u8; 64 << 10]
+    }
+
+    /// Ten blob files, each with one live chunk among nine deleted ones: compaction alone
+    /// frees nothing (every file holds a live blob); relocation frees the files.
+    #[test]
+    fn live_blobs_sharing_files_with_garbage_are_relocated() {
+        let t = tempfile::tempdir().unwrap();
+        let e = Engine::open(&t.path().join("db")).unwrap();
+        for round in 0..10u32 {
+            let mut b = Batch::new();
+            for i in round * 10..round * 10 + 10 {
+                e.put(&mut b, Cf::Chunks, &key(i), &val(i));
+            }
+            e.write(b, false).unwrap();
+            e.flush_chunks().unwrap();
+        }
+        let full = e.chunk_disk_bytes();
+        let mut b = Batch::new();
+        for i in (0..100u32).filter(|i| i % 10 != 0) {
+            e.delete(&mut b, Cf::Chunks, &key(i));
+        }
+        e.write(b, false).unwrap();
+        // Below the default minimum of garbage: compacted, not relocated.
+        e.reclaim_chunk_space().unwrap();
+        let (total, garbage) = e.blob_space();
+        assert!(
+            garbage * 10 >= total * 8,
+            "RocksDB accounts the deleted blobs as garbage: {garbage} of {total}"
+        );
+        assert!(e.chunk_disk_bytes() * 10 >= full * 9, "nothing freed yet");
+        e.set_relocate_min_garbage(1 << 20);
+        e.reclaim_chunk_space().unwrap();
+        let after = e.chunk_disk_bytes();
+        assert!(
+            after * 5 <= full,
+            "relocation frees the shared files: {full} -> {after} bytes"
+        );
+        for i in (0..100u32).step_by(10) {
+            assert_eq!(e.get(Cf::Chunks, &key(i)).unwrap().unwrap(), val(i), "chunk {i}");
+        }
+        for i in (0..100u32).filter(|i| i % 10 != 0) {
+            assert!(e.get(Cf::Chunks, &key(i)).unwrap().is_none());
+        }
     }
 }
