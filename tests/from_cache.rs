@@ -1,7 +1,8 @@
 //! `mount --from`'s disk cache: a file read twice through a snapshot served from a backend is
 //! fetched once; the second read is served from the disk cache even with the backend gone.
 //! With `--disk-cache 0` the same second read fails, which shows that the first part tests the
-//! cache and not the memory cache or the kernel's page cache.
+//! cache and not the memory cache or the kernel's page cache. A temporary store that a killed
+//! `mount --from` left is removed by the next one.
 
 mod common;
 
@@ -60,9 +61,26 @@ fn mount_from_keeps_fetched_chunks_on_disk() {
     ok(&["snapshot", "wait", mp, "s1", "--timeout", "120s"]);
     m.stop();
 
+    // What a killed `mount --from` left (its PID is not running) goes when the next one
+    // starts; a directory whose PID runs (this test's) stays.
+    let pid_max: u64 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let dead = tmp.path().join(format!("snapfs-from-{}-5", pid_max + 1));
+    let running = tmp
+        .path()
+        .join(format!("snapfs-from-{}-6", std::process::id()));
+    fs::create_dir_all(dead.join("fetched/ab")).unwrap();
+    fs::write(dead.join("fetched/ab/x"), b"plaintext").unwrap();
+    fs::create_dir_all(&running).unwrap();
+
     // With the disk cache (its default size): the second read needs no backend.
     let from = tmp.path().join("from");
     let f = mount_from(tmp.path(), &spec, &from, &[]);
+    assert!(!dead.exists(), "a dead mount's temporary store is removed");
+    assert!(running.exists(), "a running one's is not");
     let second = read_twice(&f, &data, &backend, &away);
     assert!(
         second.expect("second read with the backend gone") == data,

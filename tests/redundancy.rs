@@ -398,11 +398,42 @@ fn scrub_finds_objects_that_snapshots_need() {
     assert_eq!(tree(&mnt), before, "recovered after scrub --repair");
     m2.stop();
 
-    // Without the local snapshot nothing can rebuild its metadata: unrepairable, exit 1.
+    // A metadata object damaged in place (it fails its hash): both passes name it, and
+    // --repair rebuilds it from the local snapshot.
+    let damaged = metas[metas.len() / 2];
+    flip_last_byte(&backend.join(damaged));
+    let (good, out, _) = cli(&["scrub", st]);
+    assert!(!good, "{out}");
+    assert!(out.contains("it is damaged"), "{out}");
+    let out = ok(&["scrub", st, "--repair"]);
+    assert!(out.contains("scrub clean"), "{out}");
+    assert!(ok(&["scrub", st]).contains("scrub clean"));
+
+    // The older snapshot deleted locally, every metadata object lost: what c1 shares with
+    // c2 is rebuilt from c2 (walked first, newest first); only what c1 alone needs is
+    // unrepairable.
     ok(&["snapshot", "delete", st, "c1"]);
-    ok(&["snapshot", "delete", st, "c2"]);
     for p in &metas {
         fs::remove_file(backend.join(p)).unwrap();
+    }
+    let (good, out, _) = cli(&["scrub", st, "--repair", "--json"]);
+    assert!(!good, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let needed = &v["backends"][0]["needed"];
+    let f = v["findings"].to_string();
+    println!("c1 gone locally: {needed}");
+    assert_eq!(needed["unrepairable"], 1, "only c1's own root: {f}");
+    assert!(f.contains("snapshot c2 needs metadata object"), "{f}");
+    assert!(
+        f.contains("snapshot c1 needs metadata object")
+            && f.contains("UNREPAIRABLE: the local store has no snapshot of that name"),
+        "{f}"
+    );
+
+    // Without any local snapshot nothing can rebuild the metadata: unrepairable, exit 1.
+    ok(&["snapshot", "delete", st, "c2"]);
+    for p in &metas {
+        let _ = fs::remove_file(backend.join(p)); // c1's root is gone already
     }
     let (good, out, _) = cli(&["scrub", st, "--repair"]);
     assert!(!good, "{out}");

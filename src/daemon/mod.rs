@@ -57,6 +57,42 @@ pub struct MountArgs {
 /// disk cache of this many bytes.
 struct Remote(Arc<dyn crate::replica::backend::Backend>, u64);
 
+/// Removes the temporary stores (metadata and disk cache) of `mount --from` processes that
+/// were killed before they could: `snapfs-from-PID-*` directories of this user whose PID is
+/// no longer running. A directory whose PID was reused stays until that process is gone.
+fn sweep_leftovers(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = crate::sys::geteuid();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("snapfs-from-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if alive || !md.is_dir() || md.uid() != me {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => log::info!(
+                "removed {}, left by a mount --from that was killed",
+                e.path().display()
+            ),
+            Err(err) => log::warn!("cannot remove {}: {err}", e.path().display()),
+        }
+    }
+}
+
 /// `--disk-cache` unless given: 4 GiB, or a quarter of the free space where it goes.
 fn default_disk_cache(dir: &Path) -> u64 {
     let free = crate::sys::statvfs(dir)
@@ -79,6 +115,7 @@ fn run_mount_from(
     let backend: Arc<dyn crate::replica::backend::Backend> =
         Arc::from(crate::replica::backend::config::open(cfg)?);
     let base = a.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+    sweep_leftovers(&base);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());

@@ -35,12 +35,11 @@ struct Lru {
 }
 
 impl Lru {
-    fn touch(&mut self, id: &ChunkId) -> bool {
+    /// Marks a chunk used; returns the generation of this use, if it is held.
+    fn touch(&mut self, id: &ChunkId) -> Option<u64> {
         self.gen += 1;
         let g = self.gen;
-        let Some(e) = self.held.get_mut(id) else {
-            return false;
-        };
+        let e = self.held.get_mut(id)?;
         e.1 = g;
         self.order.push_back((*id, g));
         // Stale entries are dropped when they reach the front; keep the queue from growing
@@ -50,7 +49,7 @@ impl Lru {
             self.order
                 .retain(|(id, g)| held.get(id).is_some_and(|e| e.1 == *g));
         }
-        true
+        Some(g)
     }
 
     /// Records a chunk; returns the chunks to delete to stay within `budget`.
@@ -75,10 +74,15 @@ impl Lru {
         out
     }
 
-    fn forget(&mut self, id: &ChunkId) {
-        if let Some((size, _)) = self.held.remove(id) {
+    /// Drops a chunk's entry if its latest use is still `gen` (no other thread has used or
+    /// cached it again since).
+    fn forget(&mut self, id: &ChunkId, gen: u64) -> bool {
+        if self.held.get(id).is_some_and(|e| e.1 == gen) {
+            let (size, _) = self.held.remove(id).expect("held");
             self.total -= size;
+            return true;
         }
+        false
     }
 }
 
@@ -147,8 +151,10 @@ impl DiskCache {
             log::debug!("disk cache: cannot keep chunk {}: {e}", format::hex(id));
             return;
         }
-        let victims = self.lru.lock().insert(*id, data.len() as u64, self.budget);
-        for v in victims {
+        // Victims are deleted under the lock: another thread that fetches one of them again
+        // writes its file to a temporary name first and records it only after this.
+        let mut lru = self.lru.lock();
+        for v in lru.insert(*id, data.len() as u64, self.budget) {
             let _ = std::fs::remove_file(self.path(&v));
         }
     }
@@ -156,7 +162,8 @@ impl DiskCache {
 
 impl ChunkSource for DiskCache {
     fn fetch(&self, id: &ChunkId) -> Result<Vec<u8>, String> {
-        if self.lru.lock().touch(id) {
+        let used = self.lru.lock().touch(id);
+        if let Some(gen) = used {
             match std::fs::read(self.path(id)) {
                 Ok(data) if chunk_id(&data) == *id => {
                     self.counts.hits.fetch_add(1, Ordering::Relaxed);
@@ -164,7 +171,7 @@ impl ChunkSource for DiskCache {
                 }
                 // Deleted by an eviction since it was looked up: fetch it again.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.lru.lock().forget(id);
+                    self.lru.lock().forget(id, gen);
                 }
                 r => {
                     let why = r.map_or_else(|e| e.to_string(), |_| "hash mismatch".into());
@@ -173,8 +180,10 @@ impl ChunkSource for DiskCache {
                         format::hex(id)
                     );
                     self.counts.dropped_bad.fetch_add(1, Ordering::Relaxed);
-                    self.lru.lock().forget(id);
-                    let _ = std::fs::remove_file(self.path(id));
+                    let mut lru = self.lru.lock();
+                    if lru.forget(id, gen) {
+                        let _ = std::fs::remove_file(self.path(id));
+                    }
                 }
             }
         }

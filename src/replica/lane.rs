@@ -237,6 +237,23 @@ impl Lane {
             format!("snapfs-manifest-{}", self.id),
             Box::new(move || lane.manifests()),
         )?);
+        // What puts killed mid-way (an earlier process's) left behind: once per start, on a
+        // thread of its own that stop does not wait for (a large network directory can take
+        // minutes to walk; an unlink cut short by the exit is harmless).
+        let lane = self.clone();
+        drop(spawn(
+            format!("snapfs-sweep-{}", self.id),
+            Box::new(move || {
+                crate::sys::background_thread();
+                let n = lane.backend.sweep_temporaries();
+                if n > 0 {
+                    log::info!(
+                        "backend {}: deleted {n} temporary files of interrupted uploads",
+                        lane.name
+                    );
+                }
+            }),
+        )?);
         Ok(())
     }
 

@@ -587,14 +587,25 @@ impl Engine {
     /// One compaction of the whole chunk column family with blob GC on for every blob file:
     /// each live blob is written to a new file, and the old files, now all garbage, are
     /// deleted. Costs a write of the live bytes; skipped (logged) while free space could not
-    /// hold them twice.
+    /// hold them twice. While it runs (seconds per GiB of live chunks), blob GC is on for the
+    /// column family, so background compactions that run meanwhile relocate the blobs they
+    /// meet too, and a `reopen` waits for it. The setting is not persisted: a crash in the
+    /// middle reopens with blob GC off.
     fn relocate_live_blobs(&self, total: u64, garbage: u64) -> Result<()> {
         let live = total.saturating_sub(garbage);
         let free = crate::sys::statvfs(&self.path)
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
             .unwrap_or(0);
         if self.low_space() || free < live.saturating_add(1 << 30) {
-            log::warn!(
+            // Said once at warning level; every GC pass would repeat it.
+            static SAID: AtomicBool = AtomicBool::new(false);
+            let level = if SAID.swap(true, Ordering::Relaxed) {
+                log::Level::Debug
+            } else {
+                log::Level::Warn
+            };
+            log::log!(
+                level,
                 "chunk space: {garbage} bytes of garbage share blob files with {live} live \
                  bytes; not relocating them with only {free} bytes free"
             );
@@ -618,6 +629,8 @@ impl Engine {
         set("true", "1.0").map_err(|e| self.failed(e))?;
         let mut co = rocksdb::CompactOptions::default();
         co.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        // Background compactions go on meanwhile, so writers are not held up by L0 files.
+        co.set_exclusive_manual_compaction(false);
         r.db()
             .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
         let reset = set("false", "0.25");
@@ -710,7 +723,11 @@ mod tests {
             "relocation frees the shared files: {full} -> {after} bytes"
         );
         for i in (0..100u32).step_by(10) {
-            assert_eq!(e.get(Cf::Chunks, &key(i)).unwrap().unwrap(), val(i), "chunk {i}");
+            assert_eq!(
+                e.get(Cf::Chunks, &key(i)).unwrap().unwrap(),
+                val(i),
+                "chunk {i}"
+            );
         }
         for i in (0..100u32).filter(|i| i % 10 != 0) {
             assert!(e.get(Cf::Chunks, &key(i)).unwrap().is_none());

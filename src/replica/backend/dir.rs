@@ -5,8 +5,8 @@
 //! the object's name, and the directory fsynced; directories created on the way (mode
 //! 0700) were fsynced into their parents. A reader sees the old object or the new one,
 //! never a part; after a crash the object is there whole (or, if `put` had not returned,
-//! the old one is, plus maybe a stale temporary file that `list` never shows and deletes
-//! once it is a day old).
+//! the old one is, plus maybe a stale temporary file that `list` never shows and that the
+//! replicator's sweep deletes once it is a day old).
 //!
 //! The root is the operator's path and is opened as given; everything inside it is walked
 //! one component at a time with `openat(O_NOFOLLOW)`, so a symlink planted inside the root
@@ -173,34 +173,45 @@ impl DirBackend {
     }
 
     /// A temporary file older than [`STALE_TEMP_SECS`] is left by a put that never finished
-    /// (the process was killed between its create and its rename): listings delete it, so
-    /// that kill -9 mid-upload leaks no space for long. No put takes that long (a chunk is
+    /// (the process was killed between its create and its rename): the replicator's sweep
+    /// (`sweep_temporaries`) deletes it, so that kill -9 mid-upload leaks no space for long. No put takes that long (a chunk is
     /// at most a few MiB).
-    fn sweep_stale_temp(&self, dir: &File, rel: &str, n: &str) {
+    fn sweep_stale_temp(&self, dir: &File, rel: &str, n: &str) -> bool {
         let Ok(st) = sys::fstatat_nofollow(dir, os(n)) else {
-            return;
+            return false;
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG || now - st.st_mtime < STALE_TEMP_SECS {
-            return;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || now.saturating_sub(st.st_mtime) < STALE_TEMP_SECS
+        {
+            return false;
         }
         match sys::unlinkat(dir, os(n)) {
-            Ok(()) => log::info!(
-                "{}: deleted {rel}/{n}, a temporary file an interrupted upload left",
-                self.describe()
-            ),
-            Err(e) => log::debug!("{}: cannot delete {rel}/{n}: {e}", self.describe()),
+            Ok(()) => {
+                log::info!(
+                    "{}: deleted {rel}/{n}, a temporary file an interrupted upload left",
+                    self.describe()
+                );
+                true
+            }
+            Err(e) => {
+                log::debug!("{}: cannot delete {rel}/{n}: {e}", self.describe());
+                false
+            }
         }
     }
 
+    /// Lists the objects under `dir` (at `rel`) whose names start with `prefix`; with
+    /// `sweep`, also deletes stale temporary files, counting them.
     fn collect(
         &self,
         dir: &File,
         rel: &str,
         out: &mut Vec<String>,
         prefix: &str,
+        mut sweep: Option<&mut u64>,
     ) -> Result<(), BackendError> {
         let names = sys::read_dir_fd(dir).map_err(|e| map_io(&format!("listing {rel:?}"), e))?;
         for n in names {
@@ -209,7 +220,9 @@ impl DirBackend {
                 continue;
             };
             if n.starts_with(TMP_PREFIX) {
-                self.sweep_stale_temp(dir, rel, n);
+                if let Some(swept) = sweep.as_deref_mut() {
+                    *swept += self.sweep_stale_temp(dir, rel, n) as u64;
+                }
                 continue;
             }
             let full = if rel.is_empty() {
@@ -246,7 +259,7 @@ impl DirBackend {
                         Err(e) if matches!(errno(&e), libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => continue,
                         Err(e) => return Err(map_io(&full, e)),
                     };
-                    self.collect(&sub, &full, out, prefix)?;
+                    self.collect(&sub, &full, out, prefix, sweep.as_deref_mut())?;
                 }
                 _ => log::warn!(
                     "{}: skipping {full:?}: not a regular file or directory (a symlink is never followed)",
@@ -337,7 +350,7 @@ impl Backend for DirBackend {
         let mut out = Vec::new();
         if dir_part.is_empty() {
             let root = self.open_root()?;
-            self.collect(&root, "", &mut out, prefix)?;
+            self.collect(&root, "", &mut out, prefix, None)?;
         } else {
             // parent_of walks to the directory holding `dir_part`'s last component.
             let Some((parent, last)) = self.parent_of(dir_part, false)? else {
@@ -353,9 +366,20 @@ impl Backend for DirBackend {
                 }
                 Err(e) => return Err(map_io(dir_part, e)),
             };
-            self.collect(&dir, dir_part, &mut out, prefix)?;
+            self.collect(&dir, dir_part, &mut out, prefix, None)?;
         }
         Ok(out)
+    }
+
+    fn sweep_temporaries(&self) -> u64 {
+        let mut swept = 0;
+        let walked = self
+            .open_root()
+            .and_then(|root| self.collect(&root, "", &mut Vec::new(), "", Some(&mut swept)));
+        if let Err(e) = walked {
+            log::debug!("{}: sweeping temporary files: {e}", self.describe());
+        }
+        swept
     }
 
     fn delete(&self, name: &str) -> Result<(), BackendError> {

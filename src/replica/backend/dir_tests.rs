@@ -255,7 +255,7 @@ fn put_parts_stores_the_parts_joined() {
 }
 
 #[test]
-fn stale_temporary_files_are_swept_by_listings() {
+fn stale_temporary_files_are_swept_by_the_sweep_only() {
     let (_t, b) = backend();
     b.put("chunks/ab/abc", b"x").unwrap();
     let dir = b.root().join("chunks/ab");
@@ -274,6 +274,8 @@ fn stale_temporary_files_are_swept_by_listings() {
         b.list("chunks/").unwrap(),
         vec!["chunks/ab/abc".to_string()]
     );
+    assert!(old.exists(), "a listing deletes nothing");
+    assert_eq!(b.sweep_temporaries(), 1);
     assert!(!old.exists(), "a day-old temporary file is deleted");
     assert!(fresh.exists(), "a fresh one is an upload in progress: kept");
 }

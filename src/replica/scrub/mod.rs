@@ -133,21 +133,25 @@ pub fn run(
     };
     if o.local {
         let mut c = ScrubCounts::default();
+        // The chunks, listed a page at a time on this thread as the examiners need them.
         let mut after: Option<ChunkId> = None;
-        'pages: loop {
-            let page = match fs.chunks_after(after.as_ref(), 256) {
-                Ok(p) => p,
-                Err(e) => {
-                    rep.finding(format!("local: cannot list chunks: {e}"));
-                    c.unrepairable += 1;
-                    break;
+        let mut page = std::collections::VecDeque::new();
+        let mut list_error = None;
+        let chunks = std::iter::from_fn(|| {
+            if page.is_empty() && list_error.is_none() {
+                match fs.chunks_after(after.as_ref(), 256) {
+                    Ok(p) => {
+                        after = p.last().map(|x| x.0);
+                        page.extend(p);
+                    }
+                    Err(e) => list_error = Some(e),
                 }
-            };
-            let Some(last_id) = page.last().map(|x| x.0) else {
-                break;
-            };
-            let go = par_each(
-                page.into_iter(),
+            }
+            page.pop_front()
+        });
+        {
+            par_each(
+                chunks,
                 threads(false),
                 |(id, stored)| {
                     if let Some(b) = &bucket {
@@ -189,10 +193,11 @@ pub fn run(
                     tick(&|| format!("scrub: local: {n} chunks checked ({} MiB)", bytes >> 20))
                 },
             );
-            if !go {
-                break 'pages;
-            }
-            after = Some(last_id);
+        }
+        if let Some(e) = list_error {
+            rep.finding(format!("local: cannot list chunks: {e}"));
+            c.bad += 1;
+            c.unrepairable += 1;
         }
         rep.local = Some(c);
     }
@@ -258,20 +263,34 @@ pub fn run(
                 let n = c.checked;
                 tick(&|| format!("scrub: backend {name}: {n} objects snapshots need checked"))
             };
-            match reach::walk(
+            let ctx = reach::Ctx {
                 fs,
-                name,
-                b.as_ref(),
-                &markers,
-                &listed,
-                o.repair,
-                &mut tick_walk,
-            ) {
+                backend_name: name,
+                b: b.as_ref(),
+                listed: &listed,
+                repair: o.repair,
+                bucket: bucket.as_ref(),
+            };
+            for f in &markers.misnamed {
+                s.needed.bad += 1;
+                if o.repair {
+                    s.needed.unrepairable += 1;
+                }
+                rep.finding(format!("{name}: {f}"));
+            }
+            let mut finding = |f: String| rep.finding(f);
+            match reach::walk(&ctx, &markers.markers, &mut finding, &mut tick_walk) {
                 Ok(w) => {
                     s.snapshots = w.snapshots;
+                    let misnamed = s.needed;
                     s.needed = w.counts;
-                    for f in w.findings {
-                        rep.finding(f);
+                    s.needed.bad += misnamed.bad;
+                    s.needed.unrepairable += misnamed.unrepairable;
+                    // Damaged metadata the walk rebuilt was the object pass's finding too.
+                    s.objects.repaired += w.objects_rebuilt;
+                    if o.repair {
+                        s.objects.unrepairable =
+                            s.objects.unrepairable.saturating_sub(w.objects_rebuilt);
                     }
                 }
                 Err(e) => s.error = Some(e),

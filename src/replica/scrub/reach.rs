@@ -1,25 +1,31 @@
 //! Scrub's second pass over a backend: every complete snapshot is walked from its marker, and
-//! every metadata object and chunk it needs must be on the backend. The first pass (the
-//! parent module) verifies the objects that are there; this one finds those that are not,
-//! the damage that makes a snapshot look complete while `recover` of it would fail.
+//! every metadata object and chunk it needs must be on the backend and readable. The first
+//! pass (the parent module) verifies the objects that are there; this one finds those that
+//! are not, or that verify against their hash but cannot be decoded: the damage that makes a
+//! snapshot look complete while `recover` of it would fail.
 //!
 //! The markers are listed before the first pass lists the objects. Objects are only ever
 //! deleted by a prune, which deletes a snapshot's marker before anything only it needs, so
 //! every object a listed marker needed is in the later listing unless it was lost. A name
 //! missing from the listing is asked for once more (`exists`), and a snapshot whose marker is
-//! gone by the end of its walk (a concurrent prune) is not reported.
+//! gone or changed by the end of its walk (a concurrent prune) is not reported; what it found
+//! missing is left for the other snapshots to find. Snapshots are walked newest first, so an
+//! object shared by many is blamed on (and rebuilt from) the newest, the one the local store
+//! most likely still has. A read that fails for another reason than absence stops the walk:
+//! the scrub is then reported incomplete, never clean.
 //!
 //! With `--repair`: a missing chunk is uploaded again from the local store if it holds it; a
-//! missing metadata object is rebuilt from the local snapshot of the same name and epoch, if
-//! the store still has it, by building that snapshot's manifest again (the objects are
-//! content-addressed, so the same snapshot gives the same objects) and uploading what the
-//! backend lacks; the repair counts only if the rebuilt root is the marker's.
+//! missing or undecodable metadata object is rebuilt from the local snapshot of the same name
+//! and epoch, if the store still has it, by building that snapshot's manifest again (the
+//! objects are content-addressed, so the same snapshot gives the same objects) and uploading
+//! what the backend lacks; the repair counts only if the rebuilt root is the marker's.
 
 use std::collections::{BTreeSet, HashSet};
 
 use crate::fs::{Fs, ScrubCounts};
-use crate::replica::backend::Backend;
+use crate::replica::backend::{Backend, BackendError};
 use crate::replica::format::{self, Body, Hash, Marker};
+use crate::replica::lane::TokenBucket;
 use crate::replica::manifest::{Builder, Known};
 use crate::storage::keys::ChunkId;
 
@@ -42,37 +48,76 @@ impl Listed {
     }
 }
 
-/// The markers on the backend that verify (a bad one is the object pass's finding).
-pub fn markers(b: &dyn Backend) -> Result<Vec<Marker>, String> {
+/// The markers to walk, newest first, and findings about markers that cannot be walked.
+pub struct Markers {
+    pub markers: Vec<Marker>,
+    /// Markers stored under another snapshot's name (moved or forged): one finding each.
+    pub misnamed: Vec<String>,
+}
+
+/// Lists and reads the markers. One that does not decode is the object pass's finding; one
+/// that cannot be read (other than gone since the listing) makes the scrub incomplete.
+pub fn markers(b: &dyn Backend) -> Result<Markers, String> {
     let names = b
         .list("snapshots/")
         .map_err(|e| format!("cannot list snapshots/: {e}"))?;
-    let mut out = Vec::new();
+    let mut out = Markers {
+        markers: Vec::new(),
+        misnamed: Vec::new(),
+    };
     for n in names {
-        let Ok(obj) = b.get(&n) else { continue };
-        if let Ok(m) = format::open_marker(&obj) {
-            if format::marker_name(&m.name) == n {
-                out.push(m);
-            }
+        let obj = match b.get(&n) {
+            Ok(o) => o,
+            Err(BackendError::NotFound) => continue,
+            Err(e) => return Err(format!("cannot read {n}: {e}")),
+        };
+        let Ok(m) = format::open_marker(&obj) else {
+            continue;
+        };
+        if format::marker_name(&m.name) == n {
+            out.markers.push(m);
+        } else {
+            out.misnamed.push(format!(
+                "{n}: the marker names snapshot {:?} (moved or forged); not walked",
+                m.name
+            ));
         }
     }
-    out.sort_by_key(|m| m.epoch);
+    out.markers.sort_by_key(|m| std::cmp::Reverse(m.epoch));
     Ok(out)
 }
 
-/// Objects one snapshot needs that the backend lacks: metadata objects (with whether each
-/// is a file map, to walk it once rebuilt) and chunks.
+/// Why a metadata object a snapshot needs is not usable.
+enum MetaFault {
+    Missing,
+    /// Read, but it does not verify or decode. `hash`: it fails its hash (the object pass
+    /// counted it as bad too).
+    Damaged {
+        why: String,
+        hash: bool,
+    },
+}
+
+/// What one snapshot needs that is not usable: metadata objects (with whether each is a file
+/// map, to walk it once rebuilt) and chunks.
 #[derive(Default)]
 struct Missing {
-    metas: Vec<(Hash, bool)>,
+    metas: Vec<(Hash, bool, MetaFault)>,
     chunks: BTreeSet<ChunkId>,
+}
+
+impl Missing {
+    fn is_empty(&self) -> bool {
+        self.metas.is_empty() && self.chunks.is_empty()
+    }
 }
 
 /// The result of the walk, for the report.
 pub struct Outcome {
     pub counts: ScrubCounts,
     pub snapshots: u64,
-    pub findings: Vec<String>,
+    /// Objects the object pass counted as bad that the walk rebuilt.
+    pub objects_rebuilt: u64,
 }
 
 fn there(b: &dyn Backend, listed: bool, name: &str) -> Result<bool, String> {
@@ -88,6 +133,7 @@ fn there(b: &dyn Backend, listed: bool, name: &str) -> Result<bool, String> {
 struct Walk<'a> {
     b: &'a dyn Backend,
     listed: &'a Listed,
+    bucket: Option<&'a TokenBucket>,
     seen_metas: HashSet<Hash>,
     seen_chunks: HashSet<ChunkId>,
     out: Outcome,
@@ -95,7 +141,7 @@ struct Walk<'a> {
 
 impl Walk<'_> {
     /// Walks down from `roots` ((hash, is a file map)) of snapshot `m`; returns what is
-    /// missing below them.
+    /// missing or damaged below them.
     fn from(
         &mut self,
         m: &Marker,
@@ -114,15 +160,39 @@ impl Walk<'_> {
             }
             let name = format::meta_name(&h);
             if !there(self.b, self.listed.metas.contains(&h), &name)? {
-                missing.metas.push((h, is_map));
+                missing.metas.push((h, is_map, MetaFault::Missing));
                 continue;
             }
-            // A bad object is the object pass's finding; nothing below it can be walked.
-            let Ok(obj) = self.b.get(&name) else { continue };
-            self.out.counts.bytes += obj.len() as u64;
-            if is_map {
-                let Ok(items) = format::open_map(&h, &obj, m.chunk_size) else {
+            let obj = match self.b.get(&name) {
+                Ok(o) => o,
+                Err(BackendError::NotFound) => {
+                    missing.metas.push((h, is_map, MetaFault::Missing));
                     continue;
+                }
+                Err(e) => return Err(format!("cannot read {name}: {e}")),
+            };
+            self.out.counts.bytes += obj.len() as u64;
+            if let Some(bk) = self.bucket {
+                bk.take(obj.len());
+            }
+            let damaged = |e: format::BadObject| {
+                let kind = if is_map {
+                    format::KIND_MAP
+                } else {
+                    format::KIND_TREE
+                };
+                MetaFault::Damaged {
+                    why: e.to_string(),
+                    hash: format::open_meta(&h, kind, &obj).is_err(),
+                }
+            };
+            if is_map {
+                let items = match format::open_map(&h, &obj, m.chunk_size) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        missing.metas.push((h, is_map, damaged(e)));
+                        continue;
+                    }
                 };
                 for i in items {
                     if !self.seen_chunks.insert(i.id) {
@@ -135,8 +205,12 @@ impl Walk<'_> {
                     }
                 }
             } else {
-                let Ok(entries) = format::open_tree(&h, &obj) else {
-                    continue;
+                let entries = match format::open_tree(&h, &obj) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        missing.metas.push((h, is_map, damaged(e)));
+                        continue;
+                    }
                 };
                 for e in entries {
                     match e.body {
@@ -149,27 +223,59 @@ impl Walk<'_> {
         }
         Ok(missing)
     }
+
+    /// Forgets what a walk found missing, so that another snapshot that needs it finds it.
+    fn unsee(&mut self, missing: &Missing) {
+        for (h, _, _) in &missing.metas {
+            self.seen_metas.remove(h);
+        }
+        for id in &missing.chunks {
+            self.seen_chunks.remove(id);
+        }
+    }
 }
 
-/// Walks every marker; `tick` is called between objects and returns false to stop.
+/// Whether the marker of `m` is still the one walked (a prune may delete a snapshot, marker
+/// first, while it is walked; a new snapshot may then take its name).
+fn still_there(b: &dyn Backend, m: &Marker) -> Result<bool, String> {
+    let name = format::marker_name(&m.name);
+    match b.get(&name) {
+        Ok(obj) => Ok(format::open_marker(&obj)
+            .is_ok_and(|now| now.epoch == m.epoch && now.root.body == m.root.body)),
+        Err(BackendError::NotFound) => Ok(false),
+        Err(e) => Err(format!("cannot read {name}: {e}")),
+    }
+}
+
+/// Everything `walk` needs besides the markers.
+pub struct Ctx<'a> {
+    pub fs: &'a Fs,
+    pub backend_name: &'a str,
+    pub b: &'a dyn Backend,
+    pub listed: &'a Listed,
+    pub repair: bool,
+    pub bucket: Option<&'a TokenBucket>,
+}
+
+/// Walks every marker (newest first); `finding` takes one line per problem; `tick` is called
+/// between objects and returns false to stop.
 pub fn walk(
-    fs: &Fs,
-    backend_name: &str,
-    b: &dyn Backend,
+    c: &Ctx,
     markers: &[Marker],
-    listed: &Listed,
-    repair: bool,
+    finding: &mut dyn FnMut(String),
     tick: &mut dyn FnMut(&ScrubCounts) -> bool,
 ) -> Result<Outcome, String> {
+    let b = c.b;
     let mut w = Walk {
         b,
-        listed,
+        listed: c.listed,
+        bucket: c.bucket,
         seen_metas: HashSet::new(),
         seen_chunks: HashSet::new(),
         out: Outcome {
             counts: ScrubCounts::default(),
             snapshots: 0,
-            findings: Vec::new(),
+            objects_rebuilt: 0,
         },
     };
     for m in markers {
@@ -179,37 +285,44 @@ pub fn walk(
         };
         let missing = w.from(m, roots, tick)?;
         w.out.snapshots += 1;
-        if missing.metas.is_empty() && missing.chunks.is_empty() {
+        if missing.is_empty() {
             continue;
         }
-        // A prune may have deleted the snapshot (its marker first) while it was walked.
-        let marker = format::marker_name(&m.name);
-        if !b
-            .exists(&marker)
-            .map_err(|e| format!("cannot ask for {marker}: {e}"))?
-        {
+        if !still_there(b, m)? {
+            w.unsee(&missing);
+            w.out.snapshots -= 1;
             continue;
         }
         let snap = &m.name;
-        let line = |out: &mut Outcome, what: &str, hash: &Hash, fate: &str| {
+        let mut line = |out: &mut Outcome, what: &str, hash: &Hash, fate: &str| {
             out.counts.bad += 1;
-            out.findings.push(format!(
-                "{backend_name}: snapshot {snap} needs {what} {}, which the backend does not \
-                 have: {fate}",
+            finding(format!(
+                "{}: snapshot {snap} needs {what} {}: {fate}",
+                c.backend_name,
                 format::hex(hash)
             ));
         };
         let mut chunks = missing.chunks;
         if !missing.metas.is_empty() {
-            let rebuilt = repair.then(|| rebuild_manifest(fs, b, m));
+            let force: HashSet<Hash> = missing.metas.iter().map(|x| x.0).collect();
+            let rebuilt = c.repair.then(|| rebuild_manifest(c.fs, b, m, &force));
             let mut below = Vec::new();
-            for (h, is_map) in &missing.metas {
+            for (h, is_map, fault) in &missing.metas {
+                let what = match fault {
+                    MetaFault::Missing if *is_map => "the backend does not have it".to_string(),
+                    MetaFault::Missing => {
+                        "the backend does not have it (nothing below it can be checked)".to_string()
+                    }
+                    MetaFault::Damaged { why, .. } => format!("it is damaged ({why})"),
+                };
                 let fate = match &rebuilt {
-                    None if *is_map => "missing".to_string(),
-                    None => "missing (nothing below it can be checked)".to_string(),
+                    None => "not repaired".to_string(),
                     Some(Err(e)) => format!("UNREPAIRABLE: {e}"),
-                    Some(Ok(n)) if b.exists(&format::meta_name(h)).unwrap_or(false) => {
+                    Some(Ok(n)) if readable(b, h, *is_map, m.chunk_size) => {
                         w.out.counts.repaired += 1;
+                        if matches!(fault, MetaFault::Damaged { hash: true, .. }) {
+                            w.out.objects_rebuilt += 1;
+                        }
                         w.seen_metas.remove(h);
                         below.push((*h, *is_map));
                         format!(
@@ -217,17 +330,17 @@ pub fn walk(
                              with it)"
                         )
                     }
-                    Some(Ok(_)) => "UNREPAIRABLE: not there after the rebuild".to_string(),
+                    Some(Ok(_)) => "UNREPAIRABLE: not readable after the rebuild".to_string(),
                 };
-                if repair && !fate.starts_with("rebuilt") {
+                if c.repair && !fate.starts_with("rebuilt") {
                     w.out.counts.unrepairable += 1;
                 }
-                line(&mut w.out, "metadata object", h, &fate);
+                line(&mut w.out, "metadata object", h, &format!("{what}: {fate}"));
             }
             // What was below a rebuilt object had not been walked: walk it now.
             if !below.is_empty() {
                 let more = w.from(m, below, tick)?;
-                for (h, _) in &more.metas {
+                for (h, _, _) in &more.metas {
                     w.out.counts.unrepairable += 1;
                     line(
                         &mut w.out,
@@ -240,17 +353,17 @@ pub fn walk(
             }
         }
         for id in &chunks {
-            let fate = if !repair {
-                "missing".to_string()
+            let fate = if !c.repair {
+                "the backend does not have it".to_string()
             } else {
-                match super::reupload_chunk(fs, b, &format::chunk_name(id)) {
+                match super::reupload_chunk(c.fs, b, &format::chunk_name(id)) {
                     Ok(()) => {
                         w.out.counts.repaired += 1;
-                        "re-uploaded from the local store".to_string()
+                        "the backend did not have it: re-uploaded from the local store".to_string()
                     }
                     Err(e) => {
                         w.out.counts.unrepairable += 1;
-                        format!("UNREPAIRABLE: {e}")
+                        format!("the backend does not have it: UNREPAIRABLE: {e}")
                     }
                 }
             };
@@ -260,9 +373,27 @@ pub fn walk(
     Ok(w.out)
 }
 
-/// Uploads what the backend lacks of the manifest of the local snapshot that `m` describes.
-/// Returns how many objects it uploaded.
-fn rebuild_manifest(fs: &Fs, b: &dyn Backend, m: &Marker) -> Result<u32, String> {
+/// Whether a metadata object is on the backend and decodes.
+fn readable(b: &dyn Backend, h: &Hash, is_map: bool, chunk_size: u32) -> bool {
+    let Ok(obj) = b.get(&format::meta_name(h)) else {
+        return false;
+    };
+    if is_map {
+        format::open_map(h, &obj, chunk_size).is_ok()
+    } else {
+        format::open_tree(h, &obj).is_ok()
+    }
+}
+
+/// Uploads what the backend lacks of the manifest of the local snapshot that `m` describes,
+/// and the objects in `force` whatever the backend holds under their names. Returns how many
+/// objects it uploaded.
+fn rebuild_manifest(
+    fs: &Fs,
+    b: &dyn Backend,
+    m: &Marker,
+    force: &HashSet<Hash>,
+) -> Result<u32, String> {
     let local = fs
         .snapshot_get(&m.name)
         .map_err(|_| "the local store has no snapshot of that name".to_string())?;
@@ -275,7 +406,7 @@ fn rebuild_manifest(fs: &Fs, b: &dyn Backend, m: &Marker) -> Result<u32, String>
     let view = fs
         .snapshot_view(&m.name)
         .map_err(|e| format!("cannot open the local snapshot: {e}"))?;
-    let mut known = OnBackend(b);
+    let mut known = OnBackend { b, force };
     let mut builder = Builder::new(&view, b, &mut known);
     let root = builder.build()?;
     if root.body != m.root.body {
@@ -284,12 +415,19 @@ fn rebuild_manifest(fs: &Fs, b: &dyn Backend, m: &Marker) -> Result<u32, String>
     Ok(builder.stats.uploaded)
 }
 
-/// What the backend holds, asked object by object (a repair walks one snapshot).
-struct OnBackend<'a>(&'a dyn Backend);
+/// What the backend holds, asked object by object (a repair walks one snapshot); the objects
+/// in `force` are taken as absent (damaged copies to replace).
+struct OnBackend<'a> {
+    b: &'a dyn Backend,
+    force: &'a HashSet<Hash>,
+}
 
 impl Known for OnBackend<'_> {
     fn has_meta(&mut self, hash: &Hash) -> Result<bool, String> {
-        self.0
+        if self.force.contains(hash) {
+            return Ok(false);
+        }
+        self.b
             .exists(&format::meta_name(hash))
             .map_err(|e| e.to_string())
     }

@@ -421,6 +421,10 @@ impl Backend for Encrypted {
         self.inner.needs_heal()
     }
 
+    fn sweep_temporaries(&self) -> u64 {
+        self.inner.sweep_temporaries()
+    }
+
     fn mark_needs_heal(&self, known_missing: bool) {
         self.inner.mark_needs_heal(known_missing)
     }

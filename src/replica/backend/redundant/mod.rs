@@ -485,6 +485,13 @@ impl Backend for Redundant {
         self.members.iter().any(|m| m.health.lock().needs_heal)
     }
 
+    fn sweep_temporaries(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|m| m.backend.sweep_temporaries())
+            .sum()
+    }
+
     fn mark_needs_heal(&self, known_missing: bool) {
         for m in &self.members {
             let mut h = m.health.lock();
