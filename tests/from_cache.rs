@@ -7,6 +7,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
@@ -61,26 +62,35 @@ fn mount_from_keeps_fetched_chunks_on_disk() {
     ok(&["snapshot", "wait", mp, "s1", "--timeout", "120s"]);
     m.stop();
 
-    // What a killed `mount --from` left (its PID is not running) goes when the next one
-    // starts; a directory whose PID runs (this test's) stays.
-    let pid_max: u64 = fs::read_to_string("/proc/sys/kernel/pid_max")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let dead = tmp.path().join(format!("snapfs-from-{}-5", pid_max + 1));
-    let running = tmp
-        .path()
-        .join(format!("snapfs-from-{}-6", std::process::id()));
-    fs::create_dir_all(dead.join("fetched/ab")).unwrap();
-    fs::write(dead.join("fetched/ab/x"), b"plaintext").unwrap();
-    fs::create_dir_all(&running).unwrap();
+    // What a killed `mount --from` left (its store lock free, untouched for 10 minutes)
+    // goes when the next one starts; one whose lock is held, or a fresh one, stays.
+    let dead = tmp.path().join("snapfs-from-1-5");
+    let running = tmp.path().join("snapfs-from-1-6");
+    let fresh = tmp.path().join("snapfs-from-1-7");
+    for d in [&dead, &running, &fresh] {
+        fs::create_dir_all(d.join("fetched/ab")).unwrap();
+        fs::write(d.join("fetched/ab/x"), b"plaintext").unwrap();
+        fs::write(d.join("snapfs.lock"), b"").unwrap();
+    }
+    let held = fs::File::open(running.join("snapfs.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    for d in [&dead, &running] {
+        let st = Command::new("touch")
+            .args(["-d", "1 hour ago"])
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
 
     // With the disk cache (its default size): the second read needs no backend.
     let from = tmp.path().join("from");
     let f = mount_from(tmp.path(), &spec, &from, &[]);
     assert!(!dead.exists(), "a dead mount's temporary store is removed");
-    assert!(running.exists(), "a running one's is not");
+    assert!(running.exists(), "one whose lock is held is not");
+    assert!(fresh.exists(), "nor a fresh one");
+    drop(held);
     let second = read_twice(&f, &data, &backend, &away);
     assert!(
         second.expect("second read with the backend gone") == data,

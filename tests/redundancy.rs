@@ -409,10 +409,35 @@ fn scrub_finds_objects_that_snapshots_need() {
     assert!(out.contains("scrub clean"), "{out}");
     assert!(ok(&["scrub", st]).contains("scrub clean"));
 
-    // The older snapshot deleted locally, every metadata object lost: what c1 shares with
-    // c2 is rebuilt from c2 (walked first, newest first); only what c1 alone needs is
-    // unrepairable.
+    // The older snapshot deleted locally and every metadata object but the two roots lost:
+    // c1's tree below its root is what c2 shares with it, and comes back from c2 (walked
+    // first, newest first, or tried when c1 itself cannot be rebuilt): clean.
     ok(&["snapshot", "delete", st, "c1"]);
+    let roots: Vec<String> = {
+        let b = snapfs::replica::backend::dir::DirBackend::new(&backend).unwrap();
+        snapfs::replica::recover::list_snapshots(&b)
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m.root.body {
+                snapfs::replica::format::Body::Dir(h) => {
+                    Some(snapfs::replica::format::meta_name(&h))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(roots.len(), 2);
+    for p in &metas {
+        if !roots.contains(&p.display().to_string()) {
+            fs::remove_file(backend.join(p)).unwrap();
+        }
+    }
+    let out = ok(&["scrub", st, "--repair"]);
+    assert!(out.contains("scrub clean"), "{out}");
+    assert!(ok(&["scrub", st]).contains("scrub clean"));
+
+    // Every metadata object lost: what c1 shares with c2 is rebuilt from c2; only c1's own
+    // root is unrepairable.
     for p in &metas {
         fs::remove_file(backend.join(p)).unwrap();
     }

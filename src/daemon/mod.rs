@@ -58,37 +58,51 @@ pub struct MountArgs {
 struct Remote(Arc<dyn crate::replica::backend::Backend>, u64);
 
 /// Removes the temporary stores (metadata and disk cache) of `mount --from` processes that
-/// were killed before they could: `snapfs-from-PID-*` directories of this user whose PID is
-/// no longer running. A directory whose PID was reused stays until that process is gone.
+/// were killed before they could: `snapfs-from-*` directories of this user, not symlinks,
+/// untouched for `LEFTOVER_AGE`, whose store lock nobody holds (a serving mount holds it, in
+/// whatever PID namespace or host it runs). The age covers the moment between building the
+/// store and serving it, when the lock is free.
 fn sweep_leftovers(base: &Path) {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
     let Ok(rd) = std::fs::read_dir(base) else {
         return;
     };
     let me = crate::sys::geteuid();
     for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("snapfs-from-"))
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(md) = std::fs::symlink_metadata(e.path()) else {
-            continue;
-        };
-        let alive = Path::new("/proc").join(pid.to_string()).exists();
-        if alive || !md.is_dir() || md.uid() != me {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().starts_with("snapfs-from-") {
             continue;
         }
-        match std::fs::remove_dir_all(e.path()) {
+        let Ok(md) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let old = md
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= LEFTOVER_AGE);
+        if !md.is_dir() || md.uid() != me || !old {
+            continue;
+        }
+        // Held while we delete, so that nothing opens the store meanwhile.
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(crate::storage::store::lock_path(&path));
+        let free = match &lock {
+            Ok(f) => crate::sys::try_lock_exclusive(f).unwrap_or(false),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
+        if !free {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
             Ok(()) => log::info!(
                 "removed {}, left by a mount --from that was killed",
-                e.path().display()
+                path.display()
             ),
-            Err(err) => log::warn!("cannot remove {}: {err}", e.path().display()),
+            Err(err) => log::warn!("cannot remove {}: {err}", path.display()),
         }
     }
 }

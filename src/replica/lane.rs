@@ -239,21 +239,32 @@ impl Lane {
         )?);
         // What puts killed mid-way (an earlier process's) left behind: once per start, on a
         // thread of its own that stop does not wait for (a large network directory can take
-        // minutes to walk; an unlink cut short by the exit is harmless).
-        let lane = self.clone();
-        drop(spawn(
-            format!("snapfs-sweep-{}", self.id),
-            Box::new(move || {
+        // minutes to walk; an unlink cut short by the exit is harmless). It holds the backend
+        // only, not the lane or the store.
+        let (backend, name) = (self.backend.clone(), self.name.clone());
+        let swept = std::thread::Builder::new()
+            .name(format!("snapfs-sweep-{}", self.id))
+            .spawn(move || {
                 crate::sys::background_thread();
-                let n = lane.backend.sweep_temporaries();
+                let mut dirs = vec![String::new()];
+                dirs.extend(
+                    format::listing_prefixes()
+                        .iter()
+                        .filter_map(|p| p.strip_suffix('/').map(str::to_string)),
+                );
+                let n = backend.sweep_temporaries(&dirs);
                 if n > 0 {
                     log::info!(
-                        "backend {}: deleted {n} temporary files of interrupted uploads",
-                        lane.name
+                        "backend {name}: deleted {n} temporary files of interrupted uploads"
                     );
                 }
-            }),
-        )?);
+            });
+        if let Err(e) = swept {
+            log::warn!(
+                "backend {}: cannot start the sweep of temporary files: {e}",
+                self.name
+            );
+        }
         Ok(())
     }
 

@@ -203,15 +203,12 @@ impl DirBackend {
         }
     }
 
-    /// Lists the objects under `dir` (at `rel`) whose names start with `prefix`; with
-    /// `sweep`, also deletes stale temporary files, counting them.
     fn collect(
         &self,
         dir: &File,
         rel: &str,
         out: &mut Vec<String>,
         prefix: &str,
-        mut sweep: Option<&mut u64>,
     ) -> Result<(), BackendError> {
         let names = sys::read_dir_fd(dir).map_err(|e| map_io(&format!("listing {rel:?}"), e))?;
         for n in names {
@@ -220,9 +217,6 @@ impl DirBackend {
                 continue;
             };
             if n.starts_with(TMP_PREFIX) {
-                if let Some(swept) = sweep.as_deref_mut() {
-                    *swept += self.sweep_stale_temp(dir, rel, n) as u64;
-                }
                 continue;
             }
             let full = if rel.is_empty() {
@@ -259,7 +253,7 @@ impl DirBackend {
                         Err(e) if matches!(errno(&e), libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => continue,
                         Err(e) => return Err(map_io(&full, e)),
                     };
-                    self.collect(&sub, &full, out, prefix, sweep.as_deref_mut())?;
+                    self.collect(&sub, &full, out, prefix)?;
                 }
                 _ => log::warn!(
                     "{}: skipping {full:?}: not a regular file or directory (a symlink is never followed)",
@@ -350,7 +344,7 @@ impl Backend for DirBackend {
         let mut out = Vec::new();
         if dir_part.is_empty() {
             let root = self.open_root()?;
-            self.collect(&root, "", &mut out, prefix, None)?;
+            self.collect(&root, "", &mut out, prefix)?;
         } else {
             // parent_of walks to the directory holding `dir_part`'s last component.
             let Some((parent, last)) = self.parent_of(dir_part, false)? else {
@@ -366,18 +360,32 @@ impl Backend for DirBackend {
                 }
                 Err(e) => return Err(map_io(dir_part, e)),
             };
-            self.collect(&dir, dir_part, &mut out, prefix, None)?;
+            self.collect(&dir, dir_part, &mut out, prefix)?;
         }
         Ok(out)
     }
 
-    fn sweep_temporaries(&self) -> u64 {
+    fn sweep_temporaries(&self, dirs: &[String]) -> u64 {
         let mut swept = 0;
-        let walked = self
-            .open_root()
-            .and_then(|root| self.collect(&root, "", &mut Vec::new(), "", Some(&mut swept)));
-        if let Err(e) = walked {
-            log::debug!("{}: sweeping temporary files: {e}", self.describe());
+        for d in dirs {
+            // Only the names are read; only temporary files are looked at more closely.
+            let dir = if d.is_empty() {
+                self.open_root().ok()
+            } else {
+                self.parent_of(&format!("{d}/x"), false)
+                    .ok()
+                    .flatten()
+                    .map(|(f, _)| f)
+            };
+            let Some(dir) = dir else { continue };
+            let Ok(names) = sys::read_dir_fd(&dir) else {
+                continue;
+            };
+            for n in names {
+                if let Some(n) = n.to_str().filter(|n| n.starts_with(TMP_PREFIX)) {
+                    swept += self.sweep_stale_temp(&dir, d, n) as u64;
+                }
+            }
         }
         swept
     }

@@ -275,7 +275,7 @@ fn stale_temporary_files_are_swept_by_the_sweep_only() {
         vec!["chunks/ab/abc".to_string()]
     );
     assert!(old.exists(), "a listing deletes nothing");
-    assert_eq!(b.sweep_temporaries(), 1);
+    assert_eq!(b.sweep_temporaries(&["".into(), "chunks/ab".into()]), 1);
     assert!(!old.exists(), "a day-old temporary file is deleted");
     assert!(fresh.exists(), "a fresh one is an upload in progress: kept");
 }

@@ -82,10 +82,12 @@ pub trait Backend: Send + Sync {
     /// Removes the object; Ok if there was none.
     fn delete(&self, name: &str) -> Result<(), BackendError>;
 
-    /// Deletes what puts that never finished left behind (a `dir:` backend's temporary
-    /// files older than a day); returns how many. Called by the replicator, never by
-    /// commands that only read (a listing deletes nothing).
-    fn sweep_temporaries(&self) -> u64 {
+    /// Deletes what puts that never finished left behind in the directories `dirs` of the
+    /// layout ("" is the top; a `dir:` backend's temporary files older than a day); returns
+    /// how many. Called by the replicator, never by commands that only read (a listing
+    /// deletes nothing), and not for `--append-only` backends (`AppendOnly` keeps the
+    /// default).
+    fn sweep_temporaries(&self, _dirs: &[String]) -> u64 {
         0
     }
     /// The members of a redundant backend and their health (empty for a plain backend).

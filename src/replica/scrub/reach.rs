@@ -55,8 +55,8 @@ pub struct Markers {
     pub misnamed: Vec<String>,
 }
 
-/// Lists and reads the markers. One that does not decode is the object pass's finding; one
-/// that cannot be read (other than gone since the listing) makes the scrub incomplete.
+/// Lists and reads the markers. One that does not decode or cannot be read for good is the
+/// object pass's finding; one that cannot be read for now makes the scrub incomplete.
 pub fn markers(b: &dyn Backend) -> Result<Markers, String> {
     let names = b
         .list("snapshots/")
@@ -68,8 +68,9 @@ pub fn markers(b: &dyn Backend) -> Result<Markers, String> {
     for n in names {
         let obj = match b.get(&n) {
             Ok(o) => o,
-            Err(BackendError::NotFound) => continue,
-            Err(e) => return Err(format!("cannot read {n}: {e}")),
+            Err(e) if e.is_transient() => return Err(format!("cannot read {n}: {e}")),
+            // Gone since the listing, or unreadable for good (the object pass says so).
+            Err(_) => continue,
         };
         let Ok(m) = format::open_marker(&obj) else {
             continue;
@@ -136,6 +137,9 @@ struct Walk<'a> {
     bucket: Option<&'a TokenBucket>,
     seen_metas: HashSet<Hash>,
     seen_chunks: HashSet<ChunkId>,
+    /// What the current snapshot's walk added to the seen sets.
+    walked_metas: Vec<Hash>,
+    walked_chunks: Vec<ChunkId>,
     out: Outcome,
 }
 
@@ -154,6 +158,7 @@ impl Walk<'_> {
             if !self.seen_metas.insert(h) {
                 continue;
             }
+            self.walked_metas.push(h);
             self.out.counts.checked += 1;
             if !tick(&self.out.counts) {
                 return Err("stopped: the client went away".into());
@@ -169,7 +174,16 @@ impl Walk<'_> {
                     missing.metas.push((h, is_map, MetaFault::Missing));
                     continue;
                 }
-                Err(e) => return Err(format!("cannot read {name}: {e}")),
+                Err(e) if e.is_transient() => return Err(format!("cannot read {name}: {e}")),
+                // No good copy can be read (an encrypted object that fails authentication, a
+                // redundant one with too few good shards): the object pass counted it bad.
+                Err(e) => {
+                    let why = e.to_string();
+                    missing
+                        .metas
+                        .push((h, is_map, MetaFault::Damaged { why, hash: true }));
+                    continue;
+                }
             };
             self.out.counts.bytes += obj.len() as u64;
             if let Some(bk) = self.bucket {
@@ -198,6 +212,7 @@ impl Walk<'_> {
                     if !self.seen_chunks.insert(i.id) {
                         continue;
                     }
+                    self.walked_chunks.push(i.id);
                     self.out.counts.checked += 1;
                     let name = format::chunk_name(&i.id);
                     if !there(self.b, self.listed.chunks.contains(&i.id), &name)? {
@@ -224,13 +239,14 @@ impl Walk<'_> {
         Ok(missing)
     }
 
-    /// Forgets what a walk found missing, so that another snapshot that needs it finds it.
-    fn unsee(&mut self, missing: &Missing) {
-        for (h, _, _) in &missing.metas {
-            self.seen_metas.remove(h);
+    /// Forgets everything the current snapshot's walk saw, so that another snapshot that
+    /// needs the same objects walks them itself (and finds what is missing below them).
+    fn unsee(&mut self) {
+        for h in self.walked_metas.drain(..) {
+            self.seen_metas.remove(&h);
         }
-        for id in &missing.chunks {
-            self.seen_chunks.remove(id);
+        for id in self.walked_chunks.drain(..) {
+            self.seen_chunks.remove(&id);
         }
     }
 }
@@ -272,6 +288,8 @@ pub fn walk(
         bucket: c.bucket,
         seen_metas: HashSet::new(),
         seen_chunks: HashSet::new(),
+        walked_metas: Vec::new(),
+        walked_chunks: Vec::new(),
         out: Outcome {
             counts: ScrubCounts::default(),
             snapshots: 0,
@@ -283,13 +301,15 @@ pub fn walk(
             Body::Dir(h) => vec![(h, false)],
             _ => Vec::new(),
         };
+        w.walked_metas.clear();
+        w.walked_chunks.clear();
         let missing = w.from(m, roots, tick)?;
         w.out.snapshots += 1;
         if missing.is_empty() {
             continue;
         }
         if !still_there(b, m)? {
-            w.unsee(&missing);
+            w.unsee();
             w.out.snapshots -= 1;
             continue;
         }
@@ -303,11 +323,16 @@ pub fn walk(
             ));
         };
         let mut chunks = missing.chunks;
-        if !missing.metas.is_empty() {
-            let force: HashSet<Hash> = missing.metas.iter().map(|x| x.0).collect();
-            let rebuilt = c.repair.then(|| rebuild_manifest(c.fs, b, m, &force));
+        // Rounds: what a rebuild makes readable is walked, and what is missing or damaged
+        // below it is rebuilt in the next round (at most the depth of the tree).
+        let mut pending = missing.metas;
+        let mut round = 0;
+        while !pending.is_empty() {
+            round += 1;
+            let force: HashSet<Hash> = pending.iter().map(|x| x.0).collect();
+            let rebuilt = c.repair.then(|| rebuild_any(c.fs, b, m, markers, &force));
             let mut below = Vec::new();
-            for (h, is_map, fault) in &missing.metas {
+            for (h, is_map, fault) in &pending {
                 let what = match fault {
                     MetaFault::Missing if *is_map => "the backend does not have it".to_string(),
                     MetaFault::Missing => {
@@ -318,7 +343,7 @@ pub fn walk(
                 let fate = match &rebuilt {
                     None => "not repaired".to_string(),
                     Some(Err(e)) => format!("UNREPAIRABLE: {e}"),
-                    Some(Ok(n)) if readable(b, h, *is_map, m.chunk_size) => {
+                    Some(Ok((n, _))) if readable(b, h, *is_map, m.chunk_size) => {
                         w.out.counts.repaired += 1;
                         if matches!(fault, MetaFault::Damaged { hash: true, .. }) {
                             w.out.objects_rebuilt += 1;
@@ -326,31 +351,29 @@ pub fn walk(
                         w.seen_metas.remove(h);
                         below.push((*h, *is_map));
                         format!(
-                            "rebuilt from the local snapshot ({n} metadata objects uploaded \
+                            "rebuilt from the local snapshots ({n} metadata objects uploaded \
                              with it)"
                         )
                     }
-                    Some(Ok(_)) => "UNREPAIRABLE: not readable after the rebuild".to_string(),
+                    Some(Ok((_, Some(e)))) => {
+                        format!("UNREPAIRABLE: {e}, and no other local snapshot holds it")
+                    }
+                    Some(Ok((_, None))) => {
+                        "UNREPAIRABLE: not readable after the rebuild".to_string()
+                    }
                 };
                 if c.repair && !fate.starts_with("rebuilt") {
                     w.out.counts.unrepairable += 1;
                 }
                 line(&mut w.out, "metadata object", h, &format!("{what}: {fate}"));
             }
-            // What was below a rebuilt object had not been walked: walk it now.
-            if !below.is_empty() {
-                let more = w.from(m, below, tick)?;
-                for (h, _, _) in &more.metas {
-                    w.out.counts.unrepairable += 1;
-                    line(
-                        &mut w.out,
-                        "metadata object",
-                        h,
-                        "UNREPAIRABLE: not there after the rebuild",
-                    );
-                }
-                chunks.extend(more.chunks);
+            if below.is_empty() || round >= MAX_ROUNDS {
+                break;
             }
+            // What was below a rebuilt object had not been walked: walk it now.
+            let more = w.from(m, below, tick)?;
+            chunks.extend(more.chunks);
+            pending = more.metas;
         }
         for id in &chunks {
             let fate = if !c.repair {
@@ -373,6 +396,12 @@ pub fn walk(
     Ok(w.out)
 }
 
+/// Whether a metadata object is on the backend and matches its hash.
+fn meta_ok(b: &dyn Backend, h: &Hash) -> bool {
+    b.get(&format::meta_name(h))
+        .is_ok_and(|obj| obj.len() > 5 && format::open_meta(h, obj[5], &obj).is_ok())
+}
+
 /// Whether a metadata object is on the backend and decodes.
 fn readable(b: &dyn Backend, h: &Hash, is_map: bool, chunk_size: u32) -> bool {
     let Ok(obj) = b.get(&format::meta_name(h)) else {
@@ -382,6 +411,47 @@ fn readable(b: &dyn Backend, h: &Hash, is_map: bool, chunk_size: u32) -> bool {
         format::open_map(h, &obj, chunk_size).is_ok()
     } else {
         format::open_tree(h, &obj).is_ok()
+    }
+}
+
+/// Rounds of rebuilding below rebuilt objects, at most (a tree deeper than this is rebuilt
+/// by the next scrub).
+const MAX_ROUNDS: usize = 64;
+
+/// Rebuilds from the local snapshot `m` names; if the store does not have it (or it fails),
+/// from every other local snapshot the backend has a marker for, newest first, until every
+/// object in `force` reads back: an object that `m` shares with an older snapshot the store
+/// still has comes back from that one. Returns how many objects were uploaded and why `m`
+/// itself could not be rebuilt, or that reason if no rebuild ran.
+fn rebuild_any(
+    fs: &Fs,
+    b: &dyn Backend,
+    m: &Marker,
+    markers: &[Marker],
+    force: &HashSet<Hash>,
+) -> Result<(u32, Option<String>), String> {
+    let first = rebuild_manifest(fs, b, m, force);
+    let all_back = || force.iter().all(|h| meta_ok(b, h));
+    if let Ok(n) = first {
+        if all_back() {
+            return Ok((n, None));
+        }
+    }
+    let mut uploaded = *first.as_ref().unwrap_or(&0);
+    let mut any = first.is_ok();
+    for other in markers.iter().filter(|o| o.name != m.name) {
+        if let Ok(n) = rebuild_manifest(fs, b, other, force) {
+            uploaded += n;
+            any = true;
+            if all_back() {
+                break;
+            }
+        }
+    }
+    match first {
+        Err(e) if !any => Err(e),
+        Err(e) => Ok((uploaded, Some(e))),
+        Ok(_) => Ok((uploaded, None)),
     }
 }
 

@@ -421,8 +421,9 @@ impl Backend for Encrypted {
         self.inner.needs_heal()
     }
 
-    fn sweep_temporaries(&self) -> u64 {
-        self.inner.sweep_temporaries()
+    fn sweep_temporaries(&self, dirs: &[String]) -> u64 {
+        // Stored names have the same shape as logical ones: the same directories hold them.
+        self.inner.sweep_temporaries(dirs)
     }
 
     fn mark_needs_heal(&self, known_missing: bool) {

@@ -485,10 +485,10 @@ impl Backend for Redundant {
         self.members.iter().any(|m| m.health.lock().needs_heal)
     }
 
-    fn sweep_temporaries(&self) -> u64 {
+    fn sweep_temporaries(&self, dirs: &[String]) -> u64 {
         self.members
             .iter()
-            .map(|m| m.backend.sweep_temporaries())
+            .map(|m| m.backend.sweep_temporaries(dirs))
             .sum()
     }
 
