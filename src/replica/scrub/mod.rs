@@ -288,10 +288,6 @@ pub fn run(
                     s.needed.unrepairable += misnamed.unrepairable;
                     // Damaged metadata the walk rebuilt was the object pass's finding too.
                     s.objects.repaired += w.objects_rebuilt;
-                    if o.repair {
-                        s.objects.unrepairable =
-                            s.objects.unrepairable.saturating_sub(w.objects_rebuilt);
-                    }
                 }
                 Err(e) => s.error = Some(e),
             }
@@ -406,7 +402,13 @@ fn record(
     };
     s.objects.bad += 1;
     let mut fate = "bad".to_string();
-    if o.repair {
+    if o.repair && name.starts_with("meta/") {
+        // Metadata is rebuilt from local snapshots by the walk (reach.rs), which counts it
+        // repaired here if it does; if no snapshot needs it, it stays bad (prune drops it).
+        fate = "left to the snapshot walk below (rebuilt there from a local snapshot that \
+                needs it)"
+            .into();
+    } else if o.repair {
         fate = match reupload_chunk(fs, b, name) {
             Ok(()) => {
                 s.objects.repaired += 1;
