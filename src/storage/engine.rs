@@ -562,21 +562,27 @@ impl Engine {
     /// Bytes of the chunk column family's blob files, and how many of them are garbage
     /// (deleted chunks whose files still hold live ones), as RocksDB accounts them.
     pub fn blob_space(&self) -> (u64, u64) {
+        let [total, garbage] = self.chunk_props([
+            "rocksdb.live-blob-file-size",
+            "rocksdb.live-blob-file-garbage-size",
+        ]);
+        (total, garbage)
+    }
+
+    /// Integer properties of the chunk column family (0 where RocksDB has none, or while the
+    /// database is closed).
+    fn chunk_props<const N: usize>(&self, names: [&str; N]) -> [u64; N] {
         let Ok(r) = self.reader() else {
-            return (0, 0);
+            return [0; N];
         };
         let cf = r.cf(Cf::Chunks);
-        let prop = |name: &str| {
+        names.map(|n| {
             r.db()
-                .property_int_value_cf(cf, name)
+                .property_int_value_cf(cf, n)
                 .ok()
                 .flatten()
                 .unwrap_or(0)
-        };
-        (
-            prop("rocksdb.live-blob-file-size"),
-            prop("rocksdb.live-blob-file-garbage-size"),
-        )
+        })
     }
 
     /// Sets the garbage below which `reclaim_chunk_space` never relocates (tests use less).
@@ -645,18 +651,11 @@ impl Engine {
 
     /// Bytes on disk held by the chunk column family (SSTs and blob files).
     pub fn chunk_disk_bytes(&self) -> u64 {
-        let Ok(r) = self.reader() else {
-            return 0;
-        };
-        let cf = r.cf(Cf::Chunks);
-        let prop = |name: &str| {
-            r.db()
-                .property_int_value_cf(cf, name)
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-        };
-        prop("rocksdb.total-sst-files-size") + prop("rocksdb.total-blob-file-size")
+        let [sst, blob] = self.chunk_props([
+            "rocksdb.total-sst-files-size",
+            "rocksdb.total-blob-file-size",
+        ]);
+        sst + blob
     }
 }
 

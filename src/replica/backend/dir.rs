@@ -372,6 +372,8 @@ impl Backend for DirBackend {
             let dir = if d.is_empty() {
                 self.open_root().ok()
             } else {
+                // The directory `d` is the parent of any name inside it (walked with the
+                // same no-symlink rules as every access).
                 self.parent_of(&format!("{d}/x"), false)
                     .ok()
                     .flatten()
