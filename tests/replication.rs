@@ -721,9 +721,9 @@ fn recover_refuses_a_hostile_backend() {
     // 2. A file whose chunk object is damaged.
     let data = bytes(3, 5000);
     let id = *blake3::hash(&data).as_bytes();
-    let mut chunk = format::chunk_object(&snapfs::storage::chunk::encode(&data));
-    let last = chunk.len() - 1;
-    chunk[last] ^= 1;
+    let mut chunk = format::chunk_object(&snapfs::storage::chunk::encode(&id, &data));
+    let mid = chunk.len() / 2;
+    chunk[mid] ^= 1;
     b.put(&format::chunk_name(&id), &chunk).unwrap();
     let (mh, mobj) = format::map_object(&[MapItem {
         index: 0,
@@ -741,6 +741,11 @@ fn recover_refuses_a_hostile_backend() {
     )
     .unwrap();
     assert!(recover("damaged chunk").contains("does not verify"));
+    // 2b. Other bytes under this chunk's name whose cheap checksum is right (it is keyless:
+    // anyone can compute it): only the blake3 id tells, and recover refuses them.
+    let forged = format::chunk_object(&snapfs::storage::chunk::encode(&id, &bytes(4, 5000)));
+    b.put(&format::chunk_name(&id), &forged).unwrap();
+    assert!(recover("forged chunk").contains("does not verify"));
     // 3. A tree object that does not match its name.
     let mut obj2 = obj.clone();
     obj2[10] ^= 1;

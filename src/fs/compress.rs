@@ -197,7 +197,7 @@ impl Fs {
                 return Ok(None); // already compressed
             };
             chunk::verify(id, stored)?;
-            Ok(chunk::compress(raw))
+            Ok(chunk::compress(id, raw))
         }) {
             // The engine's own checksum caught it (a blob record's CRC).
             Err(FsError::Corrupt) => Some(Err(FsError::Corrupt)),

@@ -505,7 +505,7 @@ impl Fs {
         let body = if self.eng.exists(Cf::Meta, &keys::refcount_key(&id))? {
             Body::Raw(buf)
         } else {
-            Body::Encoded(chunk::encode(&buf))
+            Body::Encoded(chunk::encode(&id, &buf))
         };
         Ok((entry, body))
     }

@@ -250,11 +250,11 @@ impl Fs {
     ) -> Result<(u32, bool)> {
         let plan = chunk::plan_compression(raw);
         let compressed = match plan {
-            chunk::Compression::Now => chunk::compress(raw),
+            chunk::Compression::Now => chunk::compress(id, raw),
             chunk::Compression::Later | chunk::Compression::Never => None,
         };
         let later = plan == chunk::Compression::Later;
-        let enc = compressed.unwrap_or_else(|| chunk::encode_raw(raw));
+        let enc = compressed.unwrap_or_else(|| chunk::encode_raw(id, raw));
         let mut intent = Batch::new();
         self.eng
             .put(&mut intent, Cf::Meta, &keys::free_key(id), &[]);

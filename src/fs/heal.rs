@@ -113,7 +113,7 @@ impl Fs {
         if chunk::chunk_id(&data) != *id {
             return Err("the copy does not match the chunk's id".into());
         }
-        let enc = chunk::encode(&data);
+        let enc = chunk::encode(id, &data);
         match self.replace_bad_body(id, &enc) {
             Ok(true) => {
                 self.cache.healed.fetch_add(1, Ordering::Relaxed);

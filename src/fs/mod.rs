@@ -614,7 +614,7 @@ impl Fs {
         }
         let r = self
             .eng
-            .with_chunk(id, |stored| crate::storage::chunk::decode(id, stored))
+            .with_chunk(id, |stored| crate::storage::chunk::decode_local(id, stored))
             .map(|v| match (v, self.cache.remote.get()) {
                 (None, Some(src)) => Some(self.fetch_remote(src.as_ref(), id)),
                 (v, _) => v,

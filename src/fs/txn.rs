@@ -345,11 +345,12 @@ impl<'a> Txn<'a> {
                                 // A Written body whose engine was reopened since (it may be
                                 // gone): written again, into this batch.
                                 Body::Raw(r) | Body::Written { raw: r, .. } => {
-                                    crate::storage::chunk::encode(&r)
+                                    crate::storage::chunk::encode(&id, &r)
                                 }
                                 Body::Remote(_) => unreachable!("handled above"),
                             };
-                            let raw = u32::from_le_bytes(enc[2..6].try_into().expect("header"));
+                            let raw =
+                                crate::storage::chunk::raw_len(&enc).expect("an encoded body");
                             let stored = enc.len() as u32;
                             self.fs.eng.put(&mut self.batch, Cf::Chunks, &id, &enc);
                             (raw, stored)

@@ -731,7 +731,7 @@ mod tests {
     fn chunk_objects_verify() {
         let data = vec![7u8; 5000];
         let id = crate::storage::chunk::chunk_id(&data);
-        let obj = chunk_object(&crate::storage::chunk::encode(&data));
+        let obj = chunk_object(&crate::storage::chunk::encode(&id, &data));
         assert_eq!(open_chunk(&id, &obj).unwrap().1, data);
         assert!(open_chunk(&[0; 32], &obj).is_err());
     }

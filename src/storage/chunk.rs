@@ -1,16 +1,27 @@
 //! Sealed chunk bodies: id, compression, header, verification.
 //!
-//! A chunk value is `version:u8 codec:u8 raw_len:u32le payload`. The id is the blake3 hash of
-//! the *uncompressed* bytes and is checked on every read, so a flipped bit anywhere (payload,
-//! header, or a wrong value under the key) is reported, never returned.
+//! A chunk value is `version:u8 codec:u8 raw_len:u32le payload check:u64le` (version 2;
+//! version 1, which stores may still hold, has no `check`). The id is the blake3 hash of the
+//! *uncompressed* bytes. `check` is xxh3-64, seeded with the id's first 8 bytes, of everything
+//! before it: it lets a read through the mount verify the stored bytes and that they are the
+//! value of this id (a flipped bit anywhere, or a value under the wrong key, is reported, never
+//! returned) at a small fraction of blake3's cost, as ZFS checks each block against a cheap
+//! checksum on read. The blake3 id itself is checked wherever bytes come from elsewhere or
+//! leave the store: chunks from a backend, before an upload, by scrub and `check`, and by
+//! the compressor before it rewrites a body (`decode`, `verify`); and on every read of a
+//! version 1 body, which has no `check`.
 
 use crate::error::{FsError, Result};
 use crate::storage::keys::ChunkId;
 
-pub const CHUNK_FORMAT_VERSION: u8 = 1;
+/// The version written; `CHUNK_FORMAT_V1` bodies are still read.
+pub const CHUNK_FORMAT_VERSION: u8 = 2;
+pub const CHUNK_FORMAT_V1: u8 = 1;
 pub const CODEC_RAW: u8 = 0;
 pub const CODEC_ZSTD: u8 = 1;
 pub const HEADER_LEN: usize = 6;
+/// The `check` field at the end of a version 2 body.
+pub const TRAILER_LEN: usize = 8;
 
 /// zstd level: 1 is the fastest level that still finds the redundancy in checkpoints
 /// (optimizer state with zeros, repeated tensors); see docs/benchmarks.md.
@@ -49,116 +60,153 @@ pub fn plan_compression(data: &[u8]) -> Compression {
 }
 
 /// Encodes a chunk for storage, compressing it unless that does not pay.
-pub fn encode(data: &[u8]) -> Vec<u8> {
+pub fn encode(id: &ChunkId, data: &[u8]) -> Vec<u8> {
     let worth_trying = data.len() <= SAMPLE_LEN * 2 || plan_compression(data) != Compression::Never;
     if worth_trying {
-        if let Some(c) = compress(data) {
+        if let Some(c) = compress(id, data) {
             return c;
         }
     }
-    encode_raw(data)
+    encode_raw(id, data)
 }
 
 /// Encodes a chunk uncompressed.
-pub fn encode_raw(data: &[u8]) -> Vec<u8> {
-    with_header(CODEC_RAW, data.len() as u32, data)
+pub fn encode_raw(id: &ChunkId, data: &[u8]) -> Vec<u8> {
+    with_header(id, CODEC_RAW, data.len() as u32, data)
 }
 
 /// Encodes a chunk compressed, or None if compression does not save a sixteenth.
-pub fn compress(data: &[u8]) -> Option<Vec<u8>> {
+pub fn compress(id: &ChunkId, data: &[u8]) -> Option<Vec<u8>> {
     let c = zstd::bulk::compress(data, ZSTD_LEVEL).ok()?;
-    (c.len() < data.len() * 15 / 16).then(|| with_header(CODEC_ZSTD, data.len() as u32, &c))
+    (c.len() < data.len() * 15 / 16).then(|| with_header(id, CODEC_ZSTD, data.len() as u32, &c))
 }
 
-/// The raw payload of a stored chunk that is uncompressed, or None.
-pub fn raw_payload(stored: &[u8]) -> Option<&[u8]> {
-    if stored.len() < HEADER_LEN || stored[0] != CHUNK_FORMAT_VERSION || stored[1] != CODEC_RAW {
-        return None;
-    }
-    let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
-    let payload = &stored[HEADER_LEN..];
-    (payload.len() == raw_len).then_some(payload)
-}
-
-fn with_header(codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
+fn with_header(id: &ChunkId, codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
     v.push(CHUNK_FORMAT_VERSION);
     v.push(codec);
     v.extend_from_slice(&raw_len.to_le_bytes());
     v.extend_from_slice(payload);
+    let check = checksum(id, &v);
+    v.extend_from_slice(&check.to_le_bytes());
     v
 }
 
-/// Verifies a stored chunk against its id without keeping the decoded bytes: a raw chunk
-/// is hashed in place (no copy), a compressed one decompressed into a scratch buffer.
-pub fn verify(id: &ChunkId, stored: &[u8]) -> Result<()> {
-    if stored.len() >= HEADER_LEN && stored[0] == CHUNK_FORMAT_VERSION && stored[1] == CODEC_RAW {
-        let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
-        let payload = &stored[HEADER_LEN..];
-        if payload.len() == raw_len {
-            if chunk_id(payload) == *id {
-                return Ok(());
-            }
-            log::error!(
-                "chunk {} failed verification: content hash does not match its id",
-                hex(id)
-            );
+/// The `check` of a version 2 body: xxh3-64 of the bytes before it, seeded with the id.
+fn checksum(id: &ChunkId, covered: &[u8]) -> u64 {
+    let seed = u64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
+    xxhash_rust::xxh3::xxh3_64_with_seed(covered, seed)
+}
+
+/// A stored body taken apart, not verified.
+struct Parts<'a> {
+    version: u8,
+    codec: u8,
+    raw_len: usize,
+    payload: &'a [u8],
+}
+
+fn parts(stored: &[u8]) -> Result<Parts<'_>> {
+    let version = *stored.first().unwrap_or(&0);
+    let trailer = match version {
+        CHUNK_FORMAT_V1 => 0,
+        CHUNK_FORMAT_VERSION => TRAILER_LEN,
+        v => {
+            log::error!("chunk format version {v} is not supported");
             return Err(FsError::Corrupt);
         }
+    };
+    if stored.len() < HEADER_LEN + trailer {
+        log::error!("chunk value too short ({} bytes)", stored.len());
+        return Err(FsError::Corrupt);
+    }
+    Ok(Parts {
+        version,
+        codec: stored[1],
+        raw_len: u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize,
+        payload: &stored[HEADER_LEN..stored.len() - trailer],
+    })
+}
+
+/// Whether a version 2 body's `check` matches (true for version 1, which has none).
+fn check_matches(id: &ChunkId, stored: &[u8], p: &Parts<'_>) -> bool {
+    if p.version != CHUNK_FORMAT_VERSION {
+        return true;
+    }
+    let (covered, check) = stored.split_at(stored.len() - TRAILER_LEN);
+    checksum(id, covered) == u64::from_le_bytes(check.try_into().expect("8 bytes"))
+}
+
+/// The raw payload of a stored chunk that is uncompressed, or None (not verified).
+pub fn raw_payload(stored: &[u8]) -> Option<&[u8]> {
+    let p = parts(stored).ok()?;
+    (p.codec == CODEC_RAW && p.payload.len() == p.raw_len).then_some(p.payload)
+}
+
+/// The uncompressed length a stored body declares (not verified).
+pub fn raw_len(stored: &[u8]) -> Option<u32> {
+    parts(stored).ok().map(|p| p.raw_len as u32)
+}
+
+fn corrupt(id: &ChunkId, what: &str) -> FsError {
+    log::error!("chunk {} failed verification: {what}", hex(id));
+    FsError::Corrupt
+}
+
+/// Verifies a stored chunk against its id (the full check: `check`, then blake3 of the
+/// uncompressed bytes) without keeping the decoded bytes: a raw chunk is hashed in place, a
+/// compressed one decompressed into a scratch buffer.
+pub fn verify(id: &ChunkId, stored: &[u8]) -> Result<()> {
+    let p = parts(stored)?;
+    if p.codec == CODEC_RAW && p.payload.len() == p.raw_len {
+        if !check_matches(id, stored, &p) {
+            return Err(corrupt(id, "stored bytes do not match their checksum"));
+        }
+        if chunk_id(p.payload) != *id {
+            return Err(corrupt(id, "content hash does not match its id"));
+        }
+        return Ok(());
     }
     decode(id, stored).map(|_| ())
 }
 
-/// Decodes a stored chunk and verifies it against its id.
+/// Decodes a stored chunk and verifies it fully against its id (`check` and blake3): for
+/// bytes from outside the store and for checks of the store itself.
 pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
-    let verify = |data: &[u8]| {
-        if chunk_id(data) != *id {
-            log::error!(
-                "chunk {} failed verification: content hash does not match its id",
-                hex(id)
-            );
-            return Err(FsError::Corrupt);
-        }
-        Ok(())
-    };
-    // Raw chunks are verified in place, then copied once.
-    if stored.len() >= HEADER_LEN && stored[0] == CHUNK_FORMAT_VERSION && stored[1] == CODEC_RAW {
-        let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
-        let payload = &stored[HEADER_LEN..];
-        if payload.len() == raw_len {
-            verify(payload)?;
-            return Ok(payload.to_vec());
-        }
+    let data = decode_checked(id, stored)?;
+    if chunk_id(&data) != *id {
+        return Err(corrupt(id, "content hash does not match its id"));
     }
-    let data = decode_unverified(stored)?;
-    verify(&data)?;
     Ok(data)
 }
 
-fn decode_unverified(stored: &[u8]) -> Result<Vec<u8>> {
-    if stored.len() < HEADER_LEN {
-        log::error!("chunk value too short ({} bytes)", stored.len());
-        return Err(FsError::Corrupt);
+/// Decodes a body read from the local store for a reader: a version 2 body is verified by
+/// its `check` (the stored bytes and the key they are stored under), a version 1 body by its
+/// blake3 id.
+pub fn decode_local(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
+    if stored.first() == Some(&CHUNK_FORMAT_VERSION) {
+        decode_checked(id, stored)
+    } else {
+        decode(id, stored)
     }
-    if stored[0] != CHUNK_FORMAT_VERSION {
-        log::error!("chunk format version {} is not supported", stored[0]);
-        return Err(FsError::Corrupt);
+}
+
+/// Takes a body apart, checks its `check` if it has one, and decodes its payload.
+fn decode_checked(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
+    let p = parts(stored)?;
+    if !check_matches(id, stored, &p) {
+        return Err(corrupt(id, "stored bytes do not match their checksum"));
     }
-    let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
-    let payload = &stored[HEADER_LEN..];
-    match stored[1] {
-        CODEC_RAW if payload.len() == raw_len => Ok(payload.to_vec()),
-        CODEC_ZSTD => match zstd::bulk::decompress(payload, raw_len) {
-            Ok(d) if d.len() == raw_len => Ok(d),
-            _ => {
-                log::error!("chunk failed to decompress");
-                Err(FsError::Corrupt)
-            }
+    match p.codec {
+        CODEC_RAW if p.payload.len() == p.raw_len => Ok(p.payload.to_vec()),
+        CODEC_ZSTD => match zstd::bulk::decompress(p.payload, p.raw_len) {
+            Ok(d) if d.len() == p.raw_len => Ok(d),
+            _ => Err(corrupt(id, "it does not decompress")),
         },
-        codec => {
-            log::error!("chunk has unknown codec {codec} or bad length");
-            Err(FsError::Corrupt)
-        }
+        codec => Err(corrupt(
+            id,
+            &format!("unknown codec {codec} or a bad length"),
+        )),
     }
 }
 
@@ -190,7 +238,7 @@ mod tests {
     #[test]
     fn compressible_round_trip() {
         let data = vec![42u8; 1 << 20];
-        let enc = encode(&data);
+        let enc = encode(&chunk_id(&data), &data);
         assert_eq!(enc[1], CODEC_ZSTD);
         assert!(enc.len() < 10_000);
         assert_eq!(decode(&chunk_id(&data), &enc).unwrap(), data);
@@ -199,7 +247,7 @@ mod tests {
     #[test]
     fn incompressible_stored_raw() {
         let data = pseudo_random(1 << 20, 7);
-        let enc = encode(&data);
+        let enc = encode(&chunk_id(&data), &data);
         assert_eq!(enc[1], CODEC_RAW);
         assert_eq!(decode(&chunk_id(&data), &enc).unwrap(), data);
     }
@@ -212,7 +260,7 @@ mod tests {
             b"tiny".to_vec(),
         ] {
             let id = chunk_id(&data);
-            let enc = encode(&data);
+            let enc = encode(&chunk_id(&data), &data);
             for pos in [0, 1, 2, 5, HEADER_LEN, enc.len() / 2, enc.len() - 1] {
                 let mut bad = enc.clone();
                 bad[pos] ^= 0x40;
@@ -235,17 +283,65 @@ mod tests {
         }
         let plan = plan_compression(&half);
         assert_eq!(plan, Compression::Later, "{plan:?}");
-        let c = compress(&half).expect("it compresses");
+        let c = compress(&chunk_id(&half), &half).expect("it compresses");
         assert!(c.len() < half.len() * 15 / 16);
         assert_eq!(decode(&chunk_id(&half), &c).unwrap(), half);
-        let raw = encode_raw(&half);
+        let raw = encode_raw(&chunk_id(&half), &half);
         assert_eq!(raw_payload(&raw), Some(&half[..]));
         assert_eq!(raw_payload(&c), None);
     }
 
     #[test]
     fn wrong_id_is_detected() {
-        let enc = encode(b"hello");
+        let enc = encode(&chunk_id(b"hello"), b"hello");
         assert_eq!(decode(&chunk_id(b"world"), &enc), Err(FsError::Corrupt));
+        // The local read path's check is seeded with the id: a value under the wrong key.
+        assert_eq!(
+            decode_local(&chunk_id(b"world"), &enc),
+            Err(FsError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn local_reads_detect_any_flipped_byte_without_blake3() {
+        for data in [vec![1u8; 300_000], pseudo_random(300_000, 5)] {
+            let id = chunk_id(&data);
+            let enc = encode(&id, &data);
+            assert_eq!(enc[0], CHUNK_FORMAT_VERSION);
+            assert_eq!(decode_local(&id, &enc).unwrap(), data);
+            for pos in (0..enc.len()).step_by(997).chain([enc.len() - 1]) {
+                let mut bad = enc.clone();
+                bad[pos] ^= 0x01;
+                assert_eq!(decode_local(&id, &bad), Err(FsError::Corrupt), "pos {pos}");
+                assert_eq!(verify(&id, &bad), Err(FsError::Corrupt), "pos {pos}");
+            }
+        }
+    }
+
+    /// Version 1 bodies (no `check`), which older stores and backends hold, still read and
+    /// are verified by their blake3 id on every read.
+    #[test]
+    fn version_1_bodies_still_read_and_verify() {
+        let data = pseudo_random(100_000, 13);
+        let id = chunk_id(&data);
+        let mut v1 = vec![CHUNK_FORMAT_V1, CODEC_RAW];
+        v1.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        v1.extend_from_slice(&data);
+        assert_eq!(decode_local(&id, &v1).unwrap(), data);
+        assert_eq!(decode(&id, &v1).unwrap(), data);
+        assert_eq!(raw_payload(&v1), Some(&data[..]));
+        let mut bad = v1.clone();
+        bad[50_000] ^= 1;
+        assert_eq!(decode_local(&id, &bad), Err(FsError::Corrupt));
+        let z = zstd::bulk::compress(&data, 1).unwrap();
+        let mut v1z = vec![CHUNK_FORMAT_V1, CODEC_ZSTD];
+        v1z.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        v1z.extend_from_slice(&z);
+        assert_eq!(decode_local(&id, &v1z).unwrap(), data);
+        assert_eq!(raw_payload(&v1z), None);
+        assert_eq!(
+            decode_local(&id, &[9, 0, 0, 0, 0, 0]),
+            Err(FsError::Corrupt)
+        );
     }
 }
