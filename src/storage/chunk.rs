@@ -2,8 +2,8 @@
 //!
 //! A chunk value is `version:u8 codec:u8 raw_len:u32le payload check:u64le` (version 2;
 //! version 1, which stores may still hold, has no `check`). The id is the blake3 hash of the
-//! *uncompressed* bytes. `check` is xxh3-64, seeded with the id's first 8 bytes, of everything
-//! before it: it lets a read through the mount verify the stored bytes and that they are the
+//! *uncompressed* bytes. `check` is xxh3-64 of the 32-byte id followed by everything before
+//! `check`: it lets a read through the mount verify the stored bytes and that they are the
 //! value of this id (a flipped bit anywhere, or a value under the wrong key, is reported, never
 //! returned) at a small fraction of blake3's cost, as ZFS checks each block against a cheap
 //! checksum on read. The blake3 id itself is checked wherever bytes come from elsewhere or
@@ -92,11 +92,17 @@ fn with_header(id: &ChunkId, codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8>
     v
 }
 
-/// The `check` of a version 2 body: xxh3-64 of the bytes before it, seeded with the id.
+/// The `check` of a version 2 body: xxh3-64 (seed 0) of the id, then the bytes before it.
 fn checksum(id: &ChunkId, covered: &[u8]) -> u64 {
-    let seed = u64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
-    xxhash_rust::xxh3::xxh3_64_with_seed(covered, seed)
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(id);
+    h.update(covered);
+    h.digest()
 }
+
+/// The largest uncompressed length a body may declare: the largest chunk size. A larger one
+/// (a damaged or forged header) is refused before anything is allocated for it.
+pub const MAX_RAW_LEN: usize = 16 << 20;
 
 /// A stored body taken apart, not verified.
 struct Parts<'a> {
@@ -120,10 +126,15 @@ fn parts(stored: &[u8]) -> Result<Parts<'_>> {
         log::error!("chunk value too short ({} bytes)", stored.len());
         return Err(FsError::Corrupt);
     }
+    let raw_len = u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize;
+    if raw_len > MAX_RAW_LEN {
+        log::error!("chunk value declares {raw_len} bytes, more than any chunk holds");
+        return Err(FsError::Corrupt);
+    }
     Ok(Parts {
         version,
         codec: stored[1],
-        raw_len: u32::from_le_bytes(stored[2..6].try_into().expect("4 bytes")) as usize,
+        raw_len,
         payload: &stored[HEADER_LEN..stored.len() - trailer],
     })
 }
@@ -343,5 +354,11 @@ mod tests {
             decode_local(&id, &[9, 0, 0, 0, 0, 0]),
             Err(FsError::Corrupt)
         );
+        // A header that declares more than any chunk holds is refused before decompressing
+        // (a forged body must not make a reader allocate 4 GiB).
+        let mut huge = v1z.clone();
+        huge[2..6].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&id, &huge), Err(FsError::Corrupt));
+        assert_eq!(raw_len(&huge), None);
     }
 }

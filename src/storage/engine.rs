@@ -397,12 +397,12 @@ impl Engine {
         Ok(v.map(|v| f(&v)))
     }
 
-    /// `with_value` for a chunk body that `f` verifies against its blake3 id, read without
-    /// RocksDB's record checksum (a CRC32C over every byte): the hash catches every
-    /// corruption the CRC would, so the CRC was a second pass over each byte read, 10% of the
-    /// daemon's CPU in a cold read (docs/benchmarks.md, "Cold reads"). A body that does not
-    /// verify is corruption either way; a blob index or record damaged past parsing is still
-    /// an error from RocksDB.
+    /// `with_value` for a chunk body that `f` verifies itself (its `check`, and its blake3 id
+    /// where the caller needs it; `storage::chunk`), read without RocksDB's record checksum (a
+    /// CRC32C over every byte): the body's own checks catch every corruption the CRC would, so
+    /// the CRC was a second pass over each byte read, 10% of the daemon's CPU in a cold read
+    /// (docs/benchmarks.md, "Cold reads"). A body that does not verify is corruption either
+    /// way; a blob index or record damaged past parsing is still an error from RocksDB.
     pub fn with_chunk<R>(&self, id: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
         let r = self.reader()?;
         let mut ro = ReadOptions::default();

@@ -26,7 +26,9 @@ use crate::storage::keys::{self, le_u32};
 use crate::storage::space::Space;
 
 /// Version of the on-disk format this build writes and reads (docs/format.md).
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: chunk bodies of format 2 (a `check` at the end; docs/format.md). Stores of version 1
+/// are upgraded at open.
+pub const FORMAT_VERSION: u32 = 2;
 pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
 const MAGIC: &[u8; 8] = b"SNAPFS\0\0";
 
@@ -149,7 +151,17 @@ impl Store {
             }
         }
         let chunk_size = match read_super(&eng)? {
-            Some(cs) => cs,
+            Some((cs, version)) if version < FORMAT_VERSION => {
+                // Before anything else is written: an older build then refuses the store
+                // rather than reading the new format's chunk bodies as corrupt.
+                write_super(&eng, cs)?;
+                log::info!(
+                    "store {} upgraded from format version {version} to {FORMAT_VERSION}",
+                    dir.display()
+                );
+                cs
+            }
+            Some((cs, _)) => cs,
             None => {
                 let cs = chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
                 if !(4096..=(16 << 20)).contains(&cs) || !cs.is_power_of_two() {
@@ -318,7 +330,8 @@ fn tighten_tree(dir: &File, path: &Path, depth: u32) -> std::io::Result<usize> {
 }
 
 /// Superblock payload: magic, format version u32, chunk size u32 (LE).
-fn read_super(eng: &Engine) -> Result<Option<usize>, String> {
+/// Returns (chunk size, format version).
+fn read_super(eng: &Engine) -> Result<Option<(usize, u32)>, String> {
     let Some(v) = eng
         .get(Cf::Meta, keys::SUPER_KEY)
         .map_err(|e| format!("cannot read the superblock: {e}"))?
@@ -341,7 +354,7 @@ fn read_super(eng: &Engine) -> Result<Option<usize>, String> {
             "the superblock is damaged (chunk size {cs}); refusing to open"
         ));
     }
-    Ok(Some(cs))
+    Ok(Some((cs, version)))
 }
 
 fn write_super(eng: &Engine, chunk_size: usize) -> Result<(), String> {
@@ -352,4 +365,40 @@ fn write_super(eng: &Engine, chunk_size: usize) -> Result<(), String> {
     eng.put(&mut b, Cf::Meta, keys::SUPER_KEY, &v);
     eng.write(b, true)
         .map_err(|e| format!("cannot write the superblock: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_version(dir: &Path, version: u32) {
+        let s = Store::open(dir, false, None).unwrap();
+        let mut v = s.fs.eng.get(Cf::Meta, keys::SUPER_KEY).unwrap().unwrap();
+        v[8..12].copy_from_slice(&version.to_le_bytes());
+        let mut b = Batch::new();
+        s.fs.eng.put(&mut b, Cf::Meta, keys::SUPER_KEY, &v);
+        s.fs.eng.write(b, true).unwrap();
+        s.fs.shutdown().unwrap();
+    }
+
+    fn version(dir: &Path) -> u32 {
+        let s = Store::open(dir, false, None).unwrap();
+        let v = s.fs.eng.get(Cf::Meta, keys::SUPER_KEY).unwrap().unwrap();
+        le_u32(&v[8..])
+    }
+
+    /// A version 1 store is upgraded at open (so older builds refuse it afterwards instead
+    /// of reading chunk format 2 as corrupt); a newer one is refused with both versions named.
+    #[test]
+    fn older_stores_are_upgraded_and_newer_ones_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("s");
+        drop(Store::open(&dir, true, Some(64 * 1024)).unwrap());
+        set_version(&dir, 1);
+        assert_eq!(version(&dir), FORMAT_VERSION);
+        set_version(&dir, FORMAT_VERSION + 1);
+        let err = Store::open(&dir, false, None).err().expect("refused");
+        assert!(err.contains("newer than this snapfs supports"), "{err}");
+        assert!(err.contains(&format!("({FORMAT_VERSION})")), "{err}");
+    }
 }
