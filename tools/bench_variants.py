@@ -11,7 +11,8 @@ A VARIANT is NAME or NAME:KEY=VALUE,KEY=VALUE: the environment of that `snapfs m
 (e.g. `mw128k:SNAPFS_MAX_WRITE=131072`, `wb:SNAPFS_WRITEBACK_CACHE=1`), except the key `ra`,
 which sets the mount's read_ahead_kb after mounting (e.g. `ra4m:ra=4096`), and the key `bin`,
 which runs that variant with another snapfs binary (two builds in one run: `old:bin=/tmp/a
-new:bin=/tmp/b`). Per round: a warm-up
+new:bin=/tmp/b`), and the key `args`, extra `snapfs mount` arguments with `+` between words
+(`t8:args=--threads+8`). Per round: a warm-up
 round first, then for each round native and every variant in turn. write: one file of --mib MiB
 in 1 MiB writes + fsync (tools/bench_io.py write; fresh data each run), on a fresh store per run.
 pwrite: the same bytes as 4 files from 2 concurrent writers, each file fsynced (bench_io.py
@@ -36,6 +37,11 @@ sys.path.insert(0, HERE)
 from bench_snapshots import snapfs_bin  # noqa: E402  (SNAPFS_BIN or the cache's release build)
 
 
+# Extra `snapfs mount` arguments of a variant (key `args`, `+` between words), carried in its
+# environment dict under this name and taken out before the mount starts.
+ARGS_KEY = "\0args"
+
+
 def parse_variant(s):
     name, _, rest = s.partition(":")
     env, ra, bin_ = {}, None, None
@@ -45,6 +51,8 @@ def parse_variant(s):
             sys.exit(f"bench_variants: {kv!r} in {s!r} is not KEY=VALUE")
         if k == "ra":
             ra = int(v)
+        elif k == "args":
+            env[ARGS_KEY] = v
         elif k == "bin":
             if not os.access(v, os.X_OK):
                 sys.exit(f"bench_variants: {v} is not an executable")
@@ -69,7 +77,9 @@ class Mount:
     def __init__(self, bin_, store, mnt, env, ra, log):
         os.makedirs(mnt, exist_ok=True)
         self.bin, self.mnt = bin_, mnt
-        self.p = subprocess.Popen([bin_, "mount", store, mnt], env={**os.environ, **env},
+        env = dict(env)
+        extra = [w for w in env.pop(ARGS_KEY, "").split("+") if w]
+        self.p = subprocess.Popen([bin_, "mount", store, mnt, *extra], env={**os.environ, **env},
                                   stdout=log, stderr=log)
         t = time.time()
         while not mounted(mnt):
