@@ -293,7 +293,7 @@ fn corrupt_chunk_is_eio_not_data() {
 
 /// Bodies of chunk format version 1 (no `check`; stores written before it) still read, verified
 /// by their blake3 id; and a good body of another chunk under an id is caught by the read's
-/// checksum, which is seeded with the id.
+/// checksum, which covers the id.
 #[test]
 fn previous_format_reads_and_a_body_under_the_wrong_key_is_eio() {
     let t = tempfile::tempdir().unwrap();

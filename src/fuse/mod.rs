@@ -239,7 +239,8 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: Result<Vec<u8>, FsError>) {
 /// ahead once 3/4 of them are in flight. fuser's default, 16, is reached by four sequential
 /// readers with four-chunk windows: 64 read 11% faster with four readers and no slower with one
 /// (docs/benchmarks.md, "Reads verified by a checksum"). `SNAPFS_MAX_BACKGROUND` (environment of
-/// `snapfs mount`, 1 to 1024) overrides it, for measuring.
+/// `snapfs mount`, 1 to 1024) overrides it, for measuring. The kernel lowers both for a
+/// daemon without CAP_SYS_ADMIN to its `max_user_bgreq` (about RAM / 3 MiB), far above 64.
 const MAX_BACKGROUND: u16 = 64;
 
 fn wants_write(flags: OpenFlags) -> bool {
@@ -265,7 +266,7 @@ impl Filesystem for FuseFs {
             .filter(|&v| (1..=1024).contains(&v))
             .unwrap_or(MAX_BACKGROUND);
         let _ = config.set_max_background(bg);
-        let _ = config.set_congestion_threshold(bg * 3 / 4);
+        let _ = config.set_congestion_threshold((bg * 3 / 4).max(1));
         // SNAPFS_WRITEBACK_CACHE=1: the kernel's writeback cache, for the same measurements
         // only. write(2) then returns once the bytes are in the page cache, so the daemon no
         // longer sees every acknowledged write before a snapshot (docs/benchmarks.md).

@@ -306,7 +306,7 @@ mod tests {
     fn wrong_id_is_detected() {
         let enc = encode(&chunk_id(b"hello"), b"hello");
         assert_eq!(decode(&chunk_id(b"world"), &enc), Err(FsError::Corrupt));
-        // The local read path's check is seeded with the id: a value under the wrong key.
+        // The local read path's check covers the id: a value under the wrong key.
         assert_eq!(
             decode_local(&chunk_id(b"world"), &enc),
             Err(FsError::Corrupt)

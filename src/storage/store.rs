@@ -153,7 +153,12 @@ impl Store {
         let chunk_size = match read_super(&eng)? {
             Some((cs, version)) if version < FORMAT_VERSION => {
                 // Before anything else is written: an older build then refuses the store
-                // rather than reading the new format's chunk bodies as corrupt.
+                // rather than reading the new format's chunk bodies as corrupt. A store on a
+                // nearly full disk must still open: the reserve makes room first (a failed
+                // write would wedge the engine, so there is no retry after one).
+                if low {
+                    space.release_reserve();
+                }
                 write_super(&eng, cs)?;
                 log::info!(
                     "store {} upgraded from format version {version} to {FORMAT_VERSION}",
