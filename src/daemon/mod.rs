@@ -152,8 +152,25 @@ fn run_mount_from(
             .unwrap_or_else(|| default_disk_cache(&base));
         run_mount_inner(&args, Some(Remote(backend, budget)))
     });
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        log::warn!("cannot remove the temporary store {}: {e}", dir.display());
+    // The store's database can still be open for a moment after the mount ends (a thread
+    // that outlives it holds the filesystem; RocksDB may finish a background job and create a
+    // file while the directory is being removed): a removal that fails is tried again, for up
+    // to 5 s (a CI run saw the directory left behind once).
+    let mut removed = std::fs::remove_dir_all(&dir);
+    for _ in 0..50 {
+        match &removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                removed = std::fs::remove_dir_all(&dir);
+            }
+            _ => break,
+        }
+    }
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            log::warn!("cannot remove the temporary store {}: {e}", dir.display())
+        }
+        _ => {}
     }
     r
 }
