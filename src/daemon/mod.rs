@@ -152,27 +152,28 @@ fn run_mount_from(
             .unwrap_or_else(|| default_disk_cache(&base));
         run_mount_inner(&args, Some(Remote(backend, budget)))
     });
-    // The store's database can still be open for a moment after the mount ends (a thread
-    // that outlives it holds the filesystem; RocksDB may finish a background job and create a
-    // file while the directory is being removed): a removal that fails is tried again, for up
-    // to 5 s (a CI run saw the directory left behind once).
-    let mut removed = std::fs::remove_dir_all(&dir);
-    for _ in 0..50 {
-        match &removed {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                removed = std::fs::remove_dir_all(&dir);
-            }
-            _ => break,
-        }
-    }
-    match removed {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            log::warn!("cannot remove the temporary store {}: {e}", dir.display())
-        }
-        _ => {}
+    if let Err(e) = remove_store_dir(&dir) {
+        log::warn!("cannot remove the temporary store {}: {e}", dir.display());
     }
     r
+}
+
+/// `remove_dir_all` of a temporary store, tried again for up to 5 s: its database can still
+/// be open for a moment after the mount ends (a thread that outlives it holds the filesystem,
+/// docs/design.md §9.3), and RocksDB may create a file while the directory is being removed
+/// (a CI run saw the directory left behind once). A directory already gone is removed.
+fn remove_store_dir(dir: &Path) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Starts the store's replicator, first adding the `--replicate` backend unless the store

@@ -221,11 +221,6 @@ fn decode_checked(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
-/// Length of the stored (possibly compressed) body, from an encoded value.
-pub fn stored_len(stored: &[u8]) -> u64 {
-    stored.len() as u64
-}
-
 pub fn hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
