@@ -225,11 +225,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SnapCmd {
-    /// Take an instant, consistent snapshot of the live tree. It survives a crash of the
-    /// daemon once this returns; with --durable, also a power loss (waits for a WAL fsync).
+    /// Take an instant, consistent snapshot of the live tree. Returns at once; if chunks
+    /// written before it are still being committed, the snapshot is pending until they are
+    /// (`snapshot list` shows it) and a crash of the daemon meanwhile loses it whole.
     Create {
         target: PathBuf,
         name: String,
+        /// Wait until the snapshot is complete and fsynced: it then survives kill -9 and
+        /// power loss.
         #[arg(long)]
         durable: bool,
     },
@@ -374,13 +377,17 @@ fn snapshot_cmd(c: SnapCmd) -> Result<(), String> {
                 "NAME", "ID", "CREATED", "LOGICAL", "UNIQUE"
             );
             for r in rows {
+                let (logical, unique) = if r.pending {
+                    ("pending".to_string(), "pending".to_string())
+                } else {
+                    (
+                        report::human(r.logical_bytes),
+                        report::human(r.unique_bytes),
+                    )
+                };
                 println!(
                     "{:<32} {:>6} {:<21} {:>12} {:>12}",
-                    r.name,
-                    r.id,
-                    r.created,
-                    report::human(r.logical_bytes),
-                    report::human(r.unique_bytes)
+                    r.name, r.id, r.created, logical, unique
                 );
             }
         }

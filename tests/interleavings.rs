@@ -320,20 +320,24 @@ fn a_view_pins_a_snapshot_deleted_under_it() {
     scenario.teardown();
 }
 
-/// Issue 9, "snapshots without a tail": a snapshot taken while a group commit is flushing a
-/// few parked chunks (under `SNAPSHOT_COPY_MAX`) does not wait for that flush (on a slow disk,
-/// seconds of fsyncs): it commits those chunks itself, with their bodies in the WAL. The snapshot
-/// holds every byte written before it; the paused commit, once released, commits nothing
-/// twice; the store is consistent.
+/// Issue 9, "snapshots without a tail": a snapshot taken while a group commit is paused
+/// before its flush (on a slow disk, seconds of fsyncs) returns at once, *pending*: the
+/// epoch has moved, the chunks written before it commit at its epoch when the flush is done,
+/// and its record follows them. Meanwhile it is listed as pending, a view of it waits, and
+/// writes after it (an overwrite, an append, a hard link) stay out of it. Once the commit is let
+/// go: the snapshot holds exactly the bytes written before it, the live tree the newer ones,
+/// the inode version the link wrote after the snapshot carries the size the late commits
+/// made good (not only what was committed when the link was made), and the store is consistent.
 #[test]
-fn snapshot_does_not_wait_for_a_group_commit_flush() {
+fn a_pending_snapshot_completes_behind_a_paused_group_commit() {
     let (scenario, _t, s) = fixture();
     let fs = s.fs.clone();
     fs.start_sealer();
     let ino = create(&fs, "ckpt", b"");
     let h = fs.open(ino, true).unwrap();
-    // Twelve full chunks: from the fifth on they take the deferred path (parked, their bodies
-    // written without the WAL), and the committer picks them up within 200 ms.
+    // Twelve full chunks and a partial one: from the fifth on they take the deferred path
+    // (parked, their bodies written without the WAL); the committer picks them up within
+    // 200 ms and stops at the failpoint.
     let data: Vec<u8> = (0..12 * CS + 100).map(|i| (i % 253) as u8 + 1).collect();
     let pause = Pause::at("group-commit-before-flush");
     fs.write(&h, 0, &data).unwrap();
@@ -348,19 +352,71 @@ fn snapshot_does_not_wait_for_a_group_commit_flush() {
         })
     };
     let returned = done.recv_timeout(Duration::from_secs(10)).is_ok();
-    // Released either way, so that a failing test does not hang.
-    pause.release();
-    fail::remove("group-commit-before-flush");
+    if !returned {
+        fail::remove("group-commit-before-flush");
+        pause.release();
+        panic!("snapshot_create waited for the group commit's flush (still paused after 10 s)");
+    }
+    let info = snap.join().unwrap();
     assert!(
-        returned,
-        "snapshot_create waited for the group commit's flush (still paused after 10 s)"
+        info.pending,
+        "the snapshot's chunks are not committed, yet it is not pending"
     );
-    snap.join().unwrap();
-    let view = fs.snapshot_view("s").unwrap();
+    let listed = fs.snapshot_list().unwrap();
+    assert!(
+        listed.iter().any(|l| l.name == "s" && l.pending),
+        "a pending snapshot is not listed as pending: {listed:?}"
+    );
+    // After the snapshot: overwrite chunk 6, append a chunk, chmod.
+    let mut live = data.clone();
+    let over = vec![0xEEu8; CS];
+    fs.write(&h, 6 * CS as u64, &over).unwrap();
+    live[6 * CS..7 * CS].copy_from_slice(&over);
+    // Short: stays in its buffer (a full chunk would commit a larger size itself).
+    let tail = vec![0xAAu8; 10];
+    fs.write(&h, live.len() as u64, &tail).unwrap();
+    live.extend_from_slice(&tail);
+    // A new version of the inode (nlink, ctime) at the new epoch, written while the
+    // snapshot's chunks are uncommitted (link, unlike chmod, does not wait for them).
+    fs.link(ino, ROOT_INO, b"ckpt2").unwrap();
+    let (view_tx, view_rx) = bounded(1);
+    let viewer = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let v = fs.snapshot_view("s");
+            let _ = view_tx.send(());
+            v
+        })
+    };
+    let early = view_rx.recv_timeout(Duration::from_millis(300)).is_ok();
+    fail::remove("group-commit-before-flush");
+    pause.release();
+    assert!(!early, "a view of a pending snapshot did not wait for it");
+    let view = viewer.join().unwrap().unwrap();
     assert_same(&read_named(&view, "ckpt").unwrap(), &data, "snapshot");
+    assert_eq!(
+        view.getattr(ino).unwrap().nlink,
+        1,
+        "the link after the snapshot is in it"
+    );
+    assert!(
+        read_named(&view, "ckpt2").is_none(),
+        "the link after the snapshot is in it"
+    );
     drop(view);
+    // The live epoch's stored inode (no open-file overlay), before the file's last seal.
+    let stored = fs.view(fs.epoch());
+    let size = stored.getattr(ino).unwrap().size;
+    drop(stored);
+    assert!(
+        size >= data.len() as u64,
+        "the inode version written after the snapshot says {size} bytes: the chunks \
+         committed late at the snapshot's epoch were not merged into it ({} expected)",
+        data.len()
+    );
     fs.release(&h).unwrap();
-    assert_same(&read_named(&fs, "ckpt").unwrap(), &data, "live file");
+    assert_same(&read_named(&fs, "ckpt").unwrap(), &live, "live file");
+    assert!(!fs.snapshot_list().unwrap()[0].pending);
     assert_consistent(&fs);
     scenario.teardown();
 }

@@ -95,27 +95,70 @@ fn snapshots_hold_a_prefix_of_acknowledged_appends() {
     m.stop();
 }
 
+/// kill -9 right after `snapshot create` under a streaming writer: a snapshot whose chunks
+/// were still committing (pending) may be lost, but only whole: if it is listed after the
+/// restart, it holds every byte written before it. With `--durable` it is always there. The
+/// checked file stays open and is never fsynced (and ends in a partial chunk), so the
+/// snapshot alone is what makes its bytes durable.
 #[test]
-fn snapshot_survives_kill9_right_after_create() {
+fn snapshot_is_whole_or_absent_after_kill9_right_after_create() {
     require_fuse!();
     let t = tempfile::tempdir().unwrap();
     let store = t.path().join("store");
     let mnt = t.path().join("mnt");
     let mut rng = Rng::from_env_or_time();
-    let data = rng.bytes(5 << 20);
-    let m = Mount::start(&store, &mnt);
-    let mut f = fs::File::create(m.path("ckpt")).unwrap();
-    f.write_all(&data).unwrap();
-    // No fsync and the file still open: the snapshot itself must make this durable.
-    ok(&["snapshot", "create", s(&m.mnt), "before-crash"]);
-    m.kill();
-    drop(f);
-    let m = Mount::start(&store, &mnt);
-    let list = ok(&["snapshot", "list", s(&m.mnt), "--json"]);
-    assert!(list.contains("before-crash"), "{list}");
-    let back = fs::read(m.path(".snapshots/before-crash/ckpt")).unwrap();
-    assert!(back == data, "snapshot content differs after kill -9");
-    m.stop();
+    let (mut kept, mut lost, mut pending) = (0, 0, 0);
+    for round in 0..8 {
+        let durable = round % 4 == 3;
+        let data = rng.bytes((8 << 20) + 1000);
+        let m = Mount::start(&store, &mnt);
+        // A streaming writer on another file keeps chunks in flight (sealing, parked for a
+        // group commit) at every moment, as a training job's checkpoint save would.
+        let stop = Arc::new(AtomicBool::new(false));
+        let noise = {
+            let (path, stop) = (m.path(&format!("stream{round}")), stop.clone());
+            let block = rng.bytes(1 << 20);
+            std::thread::spawn(move || {
+                let Ok(mut f) = fs::File::create(path) else {
+                    return;
+                };
+                while !stop.load(Ordering::Relaxed) && f.write_all(&block).is_ok() {}
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let name = format!("before-crash-{round}");
+        let mut f = fs::File::create(m.path(&format!("ckpt{round}"))).unwrap();
+        f.write_all(&data).unwrap();
+        let mut args = vec!["snapshot", "create", s(&m.mnt), &name];
+        if durable {
+            args.push("--durable");
+        }
+        let said = ok(&args);
+        m.kill();
+        stop.store(true, Ordering::Relaxed);
+        drop(f);
+        noise.join().unwrap();
+        pending += usize::from(said.contains("pending"));
+        let m = Mount::start(&store, &mnt);
+        let list = ok(&["snapshot", "list", s(&m.mnt), "--json"]);
+        if !list.contains(&format!("\"{name}\"")) {
+            assert!(!durable, "durable snapshot {name} lost by kill -9: {list}");
+            lost += 1;
+            m.stop();
+            continue;
+        }
+        kept += 1;
+        let back = fs::read(m.path(&format!(".snapshots/{name}/ckpt{round}"))).unwrap();
+        assert!(
+            back == data,
+            "snapshot {name} is listed but its content differs"
+        );
+        m.stop();
+    }
+    eprintln!(
+        "kill -9 right after snapshot create: {pending} of 8 returned pending; \
+         {kept} snapshots whole after the restart, {lost} lost whole"
+    );
 }
 
 #[test]

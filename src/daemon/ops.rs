@@ -38,6 +38,10 @@ pub struct SnapshotRow {
     /// Taken by `mount --snapshot-every` (automatic retention deletes only these).
     #[serde(default)]
     pub automatic: bool,
+    /// Its seal jobs are still committing: no record yet, lost whole if the daemon dies
+    /// before they are done (sizes show 0 until then).
+    #[serde(default)]
+    pub pending: bool,
     pub logical_bytes: u64,
     /// Bytes referenced by no other snapshot and not by the live tree: freed if deleted.
     pub unique_bytes: u64,
@@ -87,10 +91,15 @@ pub fn snapshot_create_as(
             e => fs_err("cannot create the snapshot", e),
         })?;
     Ok(format!(
-        "created snapshot {} (id {}) in {:.1} ms",
+        "created snapshot {} (id {}) in {:.1} ms{}",
         info.name,
         info.epoch,
-        t.elapsed().as_secs_f64() * 1000.0
+        t.elapsed().as_secs_f64() * 1000.0,
+        if info.pending {
+            "; pending until the chunks written before it are committed (--durable waits)"
+        } else {
+            ""
+        }
     ))
 }
 
@@ -156,6 +165,7 @@ pub fn snapshot_rows(ctx: &Ctx) -> Result<Vec<SnapshotRow>, String> {
                 id: s.epoch,
                 name: s.name,
                 automatic: s.automatic,
+                pending: s.pending,
                 logical_bytes: logical,
                 unique_bytes: unique,
             }

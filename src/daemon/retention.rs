@@ -66,6 +66,7 @@ mod tests {
             created: epoch as i64 * 60,
             created_nanos: 0,
             automatic,
+            pending: false,
         };
         let list = vec![
             info("auto-by-hand", 1, false),

@@ -32,23 +32,48 @@ pub(crate) struct SealJob {
     pub(super) data: Arc<Vec<u8>>,
     pub(super) size: u64,
     pub(super) time: Time,
+    /// The epoch the chunk was written in (it commits there), counted as outstanding until
+    /// the job is dropped.
+    pub(super) ticket: super::epochs::Ticket,
 }
 
 impl SealJob {
+    pub(super) fn epoch(&self) -> u64 {
+        self.ticket.epoch()
+    }
+
+    /// A transaction at this job's epoch.
+    pub(super) fn txn<'a>(&self, fs: &'a Fs, bytes: usize) -> Txn<'a> {
+        Txn::at_epoch(fs, self.epoch(), bytes)
+    }
+
     /// The job's size and times into the inode. Sealers (and group commits) may commit out
     /// of order across chunks; sizes only shrink through truncate, which waits for every
-    /// queued job first.
+    /// queued job first. A job committed after a snapshot moved the epoch also merges them
+    /// into every newer version of the inode (written meanwhile by a chmod, a rename, a job
+    /// of the newer epoch that committed first), which would otherwise lack them.
     pub(super) fn apply_attr(&self, txn: &mut Txn<'_>) -> Result<()> {
+        let merge = |a: &mut crate::storage::inode::Attr| {
+            a.size = a.size.max(self.size);
+            a.mtime = a.mtime.max(self.time);
+            a.ctime = a.ctime.max(self.time);
+        };
         let mut a = txn.attr(self.ino)?;
-        a.size = a.size.max(self.size);
-        a.mtime = a.mtime.max(self.time);
-        a.ctime = a.ctime.max(self.time);
+        merge(&mut a);
         txn.put_attr(a);
+        for (e, mut a) in txn.newer_attrs(self.ino)? {
+            merge(&mut a);
+            txn.put_attr_version(e, &a);
+        }
         Ok(())
     }
 }
 
-/// Chunks queued per sealer thread (backpressure on fast writers).
+/// Chunks queued per sealer thread (backpressure on fast writers). The queues themselves are
+/// unbounded: a writer waits for room *before* it takes the snapshot barrier
+/// (`wait_for_sealers`), so that a sealer held in a slow group commit never holds a snapshot
+/// behind a writer blocked under the barrier, and a snapshot queues its frozen buffers
+/// without waiting.
 const SEAL_QUEUE: usize = 2;
 /// Sealer threads. A chunk index always goes to the same thread, so two seals of one chunk
 /// commit in the order they were queued; hashing and compression of different chunks overlap.
@@ -230,6 +255,7 @@ impl Fs {
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
         h.file.check_error()?;
+        self.wait_for_sealers();
         // Held for the whole call: a snapshot sees this write wholly or not at all.
         let _barrier = self.barrier.read();
         let mut st = h.file.state.write();
@@ -250,6 +276,47 @@ impl Fs {
             r?;
         }
         Ok(n)
+    }
+
+    /// Back-pressure: waits while the sealer queues hold `SEAL_QUEUE` jobs per sealer. Racy by
+    /// design (writers that pass together may overfill by a write's worth of chunks); the
+    /// point is that no writer waits for a sealer while it holds the snapshot barrier.
+    fn wait_for_sealers(&self) {
+        let Some(queues) = self.sealer.get() else {
+            return;
+        };
+        let full = || queues.iter().map(|q| q.len()).sum::<usize>() >= SEAL_QUEUE * queues.len();
+        if !full() {
+            return;
+        }
+        let (lock, room) = &*self.sealer_room;
+        let mut g = lock.lock();
+        while full() {
+            // A wake-up lost between the check and the wait costs at most this long.
+            room.wait_for(&mut g, std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Moves every unsealed buffer of every open file into a seal job of the current epoch
+    /// and queues it: a snapshot's work under its barrier, a move per buffer, no hashing, no
+    /// waiting. The jobs commit at this epoch later (`epochs.rs`). Without sealer threads,
+    /// seals them inline instead.
+    pub(super) fn freeze_open_files(&self) -> Result<()> {
+        let Some(queues) = self.sealer.get() else {
+            return self.seal_open_files();
+        };
+        for (ino, file) in self.open_files() {
+            let mut st = file.state.write();
+            if st.buffers.is_empty() {
+                continue;
+            }
+            let all: Vec<u64> = st.buffers.keys().copied().collect();
+            let before = st.buffers.len();
+            let r = self.enqueue_for(queues, ino, &file, &mut st, &all);
+            self.account(before, st.buffers.len());
+            r?;
+        }
+        Ok(())
     }
 
     /// The budget of unsealed buffers over all open files, in bytes.
@@ -312,46 +379,52 @@ impl Fs {
         st.times_dirty = Some(Time::now());
         if !full.is_empty() {
             match self.sealer.get() {
-                Some(q) => self.enqueue(q, h, st, &full)?,
+                Some(q) => self.enqueue_for(q, h.ino, &h.file, st, &full)?,
                 None => self.seal(h.ino, &h.file, st, &full)?,
             }
         }
         Ok(data.len() as u32)
     }
 
-    /// Hands full buffers to the sealer thread.
-    fn enqueue(
+    /// Hands buffers (full ones, or every one a snapshot freezes) to the sealer threads, as
+    /// jobs of the current epoch. The caller holds the barrier (shared or exclusive), so the
+    /// epoch cannot move under it.
+    fn enqueue_for(
         &self,
         queues: &[crossbeam_channel::Sender<SealJob>],
-        h: &Handle,
+        ino: u64,
+        file: &Arc<OpenFile>,
         st: &mut FileState,
         full: &[u64],
     ) -> Result<()> {
         let time = st.times_dirty.unwrap_or_else(Time::now);
+        let epoch = self.write_epoch()?;
         for idx in full {
             let Some(buf) = st.buffers.remove(idx) else {
                 continue;
             };
             let data = Arc::new(buf);
-            h.file.sealing.lock().insert(*idx, data.clone());
-            *h.file.inflight.lock() += 1;
+            file.sealing.lock().insert(*idx, data.clone());
+            *file.inflight.lock() += 1;
             // The size this chunk makes good: never past its own end, so a committed size
             // never covers bytes still in a buffer (they would read as zeros after a crash).
             let chunk_end = (*idx + 1).saturating_mul(self.chunk_size as u64);
             let job = SealJob {
-                ino: h.ino,
-                file: h.file.clone(),
+                ino,
+                file: file.clone(),
                 idx: *idx,
                 data,
                 size: st.size.min(chunk_end),
                 time,
+                ticket: self.epochs.ticket(epoch),
             };
             let q =
-                &queues[(h.ino.wrapping_mul(31).wrapping_add(*idx) % queues.len() as u64) as usize];
+                &queues[(ino.wrapping_mul(31).wrapping_add(*idx) % queues.len() as u64) as usize];
             if let Err(e) = q.send(job) {
                 // The sealer is gone (shutting down): seal inline instead.
                 let job = e.into_inner();
-                finish_job(&job, self.commit_job(&job));
+                let r = self.commit_job(&job);
+                finish_job(job, r);
             }
         }
         Ok(())
@@ -362,7 +435,7 @@ impl Fs {
         let mut queues = Vec::with_capacity(SEALERS);
         let mut receivers = Vec::with_capacity(SEALERS);
         for _ in 0..SEALERS {
-            let (tx, rx) = crossbeam_channel::bounded::<SealJob>(SEAL_QUEUE);
+            let (tx, rx) = crossbeam_channel::unbounded::<SealJob>();
             queues.push(tx);
             receivers.push(rx);
         }
@@ -371,14 +444,20 @@ impl Fs {
         }
         self.start_committer();
         self.start_compressor();
+        self.start_completer();
         for (i, rx) in receivers.into_iter().enumerate() {
             let weak = Arc::downgrade(self);
+            let room = self.sealer_room.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("snapfs-sealer-{i}"))
                 .spawn(move || loop {
                     // The strong reference ends before any job is marked done, so whoever
                     // waits for a job may drop the last one and close the engine.
-                    let done = match rx.recv_timeout(super::defer::IDLE_COMMIT) {
+                    let got = rx.recv_timeout(super::defer::IDLE_COMMIT);
+                    if got.is_ok() {
+                        room.1.notify_all();
+                    }
+                    let done = match got {
                         Ok(job) => match weak.upgrade() {
                             Some(fs) if fs.defers(&job) => fs.park(job),
                             Some(fs) => {
@@ -395,7 +474,7 @@ impl Fs {
                         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                     };
                     for (job, r) in done {
-                        finish_job(&job, r);
+                        finish_job(job, r);
                     }
                 });
             if let Err(e) = spawned {
@@ -411,7 +490,7 @@ impl Fs {
             Body::Raw(_) | Body::Remote(_) | Body::Written { .. } => 0,
         };
         let mut meta = self.lock_meta();
-        let mut txn = Txn::with_capacity(self, body_len);
+        let mut txn = job.txn(self, body_len);
         self.add_prepared(&mut txn, job.ino, vec![(job.idx, prepared)])?;
         job.apply_attr(&mut txn)?;
         txn.commit(&mut meta, false)
@@ -725,8 +804,10 @@ impl Fs {
     }
 }
 
-/// Marks a seal job done: drops its chunk from `sealing`, records an error, wakes waiters.
-pub(crate) fn finish_job(job: &SealJob, r: Result<()>) {
+/// Marks a seal job done: drops its chunk from `sealing`, records an error, counts it out of
+/// its epoch (before any waiter wakes: a waiter may then complete a pending snapshot), wakes
+/// waiters.
+pub(crate) fn finish_job(job: SealJob, r: Result<()>) {
     {
         let mut s = job.file.sealing.lock();
         if s.get(&job.idx).is_some_and(|d| Arc::ptr_eq(d, &job.data)) {
@@ -736,11 +817,14 @@ pub(crate) fn finish_job(job: &SealJob, r: Result<()>) {
     if let Err(e) = r {
         log::error!("sealing chunk {} of inode {} failed: {e}", job.idx, job.ino);
         job.file.set_error(e);
+        job.ticket.failed();
     }
-    let mut n = job.file.inflight.lock();
+    let file = job.file.clone();
+    drop(job);
+    let mut n = file.inflight.lock();
     *n -= 1;
     if *n == 0 {
-        job.file.idle.notify_all();
+        file.idle.notify_all();
     }
 }
 

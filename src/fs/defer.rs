@@ -13,7 +13,7 @@
 //!    WAL (`Engine::write_unlogged`).
 //! 3. It parks the job: the chunk stays in the file's `sealing` map (readers find it there)
 //!    and the job stays counted in the file's `inflight`.
-//! 4. A group commit (`commit_parked`) takes every parked job, flushes the chunk column
+//! 4. A group commit (`take_and_commit`) takes every parked job, flushes the chunk column
 //!    family once (`Engine::flush_chunks`: the bodies reach blob files and the MANIFEST, both
 //!    synced), and then commits each job's metadata as before: map entry, reference, inode
 //!    size and times, with `Body::Written` in place of the bytes. The refcount's creation
@@ -49,7 +49,7 @@ use crate::storage::keys::{self, MapEntry};
 
 use super::data::SealJob;
 use super::txn::Body;
-use super::{Fs, MetaState, Txn};
+use super::{Fs, MetaState};
 
 /// Chunks of a file below this index are committed with their body in the batch, as
 /// before: small files (most of a dataset's) never wait for a flush at close(2).
@@ -75,10 +75,6 @@ pub(crate) struct Deferred {
     /// Parked jobs in the order they were parked (two jobs of one chunk park in the order
     /// they were queued: one sealer thread handles both).
     jobs: Mutex<Vec<Parked>>,
-    /// Jobs a group commit took and is flushing, oldest first. Popped one at a time under
-    /// `meta` by that commit once its flush is done, or all at once by a snapshot
-    /// (`commit_logged`), which then does not wait for the flush.
-    flushing: Mutex<std::collections::VecDeque<Parked>>,
     /// Wakes the committer thread when `DEFER_BYTES` are parked. Shared with that thread,
     /// which waits on it without holding the filesystem (whose drop closes the engine).
     wake: std::sync::Arc<(Mutex<()>, parking_lot::Condvar)>,
@@ -86,10 +82,6 @@ pub(crate) struct Deferred {
     bytes: AtomicUsize,
     /// Serializes group commits, so they commit in the order their jobs parked.
     commit: Mutex<()>,
-    /// Set while a snapshot holds the barrier: group commits then put the few bodies parked
-    /// since the snapshot's own group commit into their batches (the WAL) instead of waiting
-    /// for a flush, which would hold every writer back for its fsyncs.
-    pub(crate) logged: std::sync::atomic::AtomicBool,
     /// Chunks stored raw and queued for compression behind the writer (`compress.rs`), and
     /// their raw bytes: counted at the commit that queues them, recounted from the queue
     /// when the compressor starts.
@@ -194,7 +186,7 @@ impl Fs {
                 // sealers): a waiter may drop the last one and close the engine.
                 drop(fs);
                 for (job, r) in done {
-                    super::data::finish_job(&job, r);
+                    super::data::finish_job(job, r);
                 }
             });
         if let Err(e) = spawned {
@@ -265,16 +257,11 @@ impl Fs {
         Ok((enc.len() as u32, later))
     }
 
-    /// Commits every parked job and finishes it.
-    pub(crate) fn commit_parked(&self) {
-        self.commit_parked_for(None);
-    }
-
     /// `commit_parked` for a waiter on `file`'s jobs: if the group commit it waited for
     /// committed all of them, it starts none of its own.
     pub(crate) fn commit_parked_for(&self, file: Option<&super::OpenFile>) {
         for (job, r) in self.take_and_commit_for(file) {
-            super::data::finish_job(&job, r);
+            super::data::finish_job(job, r);
         }
     }
 
@@ -285,16 +272,9 @@ impl Fs {
     }
 
     fn take_and_commit_for(&self, file: Option<&super::OpenFile>) -> Done {
-        if self.deferred.logged.load(Ordering::Acquire) {
-            return self.commit_logged();
-        }
         let _one = self.deferred.commit.lock();
-        if self.deferred.logged.load(Ordering::Acquire) {
-            // A snapshot took the barrier while this waited for the previous group commit.
-            return self.commit_logged();
-        }
         if file.is_some_and(|f| f.parked.load(Ordering::Acquire) == 0) {
-            // The group commit waited for (`flushing`) committed the file's jobs.
+            // The group commit waited for committed the file's jobs.
             return Vec::new();
         }
         let jobs = self.take_parked();
@@ -302,8 +282,6 @@ impl Fs {
             return Vec::new();
         }
         let ahead = jobs.iter().filter(|p| p.ahead).count();
-        let n = jobs.len();
-        self.deferred.flushing.lock().extend(jobs);
         fail::fail_point!("group-commit-before-flush");
         let flushed = if ahead > 0 {
             self.eng.flush_chunks()
@@ -313,17 +291,10 @@ impl Fs {
         if let Err(e) = flushed {
             log::error!("flushing {ahead} written-ahead chunks failed: {e}");
         }
-        // One job per hold of `meta`: pop and commit are one step, so a snapshot that takes
-        // the rest meanwhile commits them after this one, in parking order.
-        let mut done = Vec::with_capacity(n);
-        loop {
-            let mut meta = self.lock_meta();
-            let Some(p) = self.deferred.flushing.lock().pop_front() else {
-                break;
-            };
-            done.push(self.commit_one(&mut meta, p, flushed));
-        }
-        done
+        // One job per hold of `meta`, so writers' commits interleave with a long group commit.
+        jobs.into_iter()
+            .map(|p| self.commit_one(&mut self.lock_meta(), p, flushed))
+            .collect()
     }
 
     /// The parked list, emptied; its bytes uncounted.
@@ -332,25 +303,6 @@ impl Fs {
         let bytes: usize = jobs.iter().map(|p| p.job.data.len()).sum();
         self.deferred.bytes.fetch_sub(bytes, Ordering::AcqRel);
         jobs
-    }
-
-    /// Under a snapshot's barrier: commits, without any flush, the jobs a group commit is
-    /// flushing and every parked job, each body in its commit's batch (the WAL; written a
-    /// second time), so the snapshot waits for no fsync. The commit still deletes the marker
-    /// (`Body::Written` at a generation that never matches). A body also in the flush being
-    /// synced is the same key and value twice.
-    fn commit_logged(&self) -> Done {
-        let mut meta = self.lock_meta();
-        let mut jobs: Vec<Parked> = self.deferred.flushing.lock().drain(..).collect();
-        jobs.extend(self.take_parked());
-        jobs.into_iter()
-            .map(|mut p| {
-                if let Body::Written { generation, .. } = &mut p.body {
-                    *generation = u64::MAX;
-                }
-                self.commit_one(&mut meta, p, Ok(()))
-            })
-            .collect()
     }
 
     fn commit_one(
@@ -366,7 +318,7 @@ impl Fs {
             ahead,
         } = p;
         let r = flushed.and_then(|()| {
-            let mut txn = Txn::new(self);
+            let mut txn = job.txn(self, 0);
             txn.put_map(job.ino, job.idx, entry)?;
             txn.add_body(entry.id, body);
             job.apply_attr(&mut txn)?;

@@ -5,13 +5,14 @@
 //! has a reader-writer lock over its write buffers; the lock order is file state, then `meta`,
 //! then the open-file table (the sealing map, in-flight count and error of a file are leaf
 //! locks). Full chunks are hashed, compressed and committed by background sealer threads
-//! (one chunk index always on the same thread, so in order) while the writer goes on; partial chunks are sealed inline by flush and fsync.
+//! (one chunk index always on the same thread, so in order) while the writer goes on; partial chunks are sealed inline by flush and fsync, and handed to the sealers by a snapshot. Every seal job commits at the epoch it was written in (`epochs.rs`).
 
 mod cache;
 mod check;
 mod compress;
 mod data;
 mod defer;
+mod epochs;
 mod heal;
 mod install;
 pub mod keep;
@@ -197,6 +198,8 @@ pub struct Fs {
     cache: Arc<ChunkCache>,
     /// Queue of the background sealer (absent until `start_sealer`; sealing is then inline).
     sealer: std::sync::OnceLock<Vec<crossbeam_channel::Sender<data::SealJob>>>,
+    /// Signalled by a sealer when it takes a job off its queue (`data::wait_for_sealers`).
+    sealer_room: Arc<(Mutex<()>, Condvar)>,
     /// Seal jobs whose bodies were written without the WAL, waiting for one flush of the
     /// chunk column family and then their metadata commit (`defer.rs`).
     deferred: defer::Deferred,
@@ -214,11 +217,13 @@ pub struct Fs {
     /// This view's pin (None for the live instance).
     _pin: Option<Pin>,
     /// Makes a snapshot one instant: every `write` holds it shared for its whole call, and
-    /// `snapshot_create` holds it exclusively while it seals the last buffers and moves the
-    /// epoch. No write is half applied, or applied but unsealed, when the epoch moves.
+    /// `snapshot_create` holds it exclusively while it hands the buffers to seal jobs and moves
+    /// the epoch. No write is half applied, or applied but in no job, when the epoch moves.
     barrier: RwLock<()>,
     /// A pass of version GC was held back by a pinned epoch; the background GC runs it.
     gc_pending: AtomicBool,
+    /// Seal jobs outstanding per epoch, and the snapshots waiting for them (`epochs.rs`).
+    epochs: Arc<epochs::Epochs>,
     /// Ids of the backends that replicate this store: every new chunk is queued for each in
     /// the batch that seals it, every snapshot gets a pending record for each in its batch.
     replicas: RwLock<Arc<[u32]>>,
@@ -328,6 +333,7 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             cache,
             sealer: std::sync::OnceLock::new(),
+            sealer_room: Arc::default(),
             deferred: defer::Deferred::default(),
             dirty_chunks: AtomicU64::new(0),
             write_budget: AtomicU64::new(data::DEFAULT_WRITE_BUDGET as u64),
@@ -337,6 +343,7 @@ impl Fs {
             _pin: pin,
             barrier: RwLock::new(()),
             gc_pending: AtomicBool::new(false),
+            epochs: Arc::default(),
             replicas: RwLock::new(Arc::from(Vec::new())),
         }
     }
@@ -376,6 +383,8 @@ impl Fs {
     /// A pinned view of snapshot `name`: it reads the snapshot's bytes even if the snapshot
     /// is deleted while the view lives.
     pub fn snapshot_view(&self, name: &str) -> Result<Fs> {
+        // A pending snapshot is waited for before `meta`: its completion takes `meta`.
+        self.wait_snapshot(name)?;
         let _meta = self.meta.lock();
         let s = self.snapshot_get(name)?;
         Ok(self.view_locked(s.epoch))
@@ -471,8 +480,13 @@ impl Fs {
 
     /// The stored attributes of an inode (without the overlay of an open file's buffers).
     pub(crate) fn stored_attr(&self, ino: u64) -> Result<Attr> {
+        self.stored_attr_at(ino, self.view_epoch())
+    }
+
+    /// `stored_attr` at `epoch`.
+    pub(crate) fn stored_attr_at(&self, ino: u64, epoch: u64) -> Result<Attr> {
         let p = self
-            .get_rec(&keys::inode_rec(ino))?
+            .get_rec_at(&keys::inode_rec(ino), epoch)?
             .ok_or(FsError::NotFound)?;
         Attr::decode(ino, &p).ok_or_else(|| {
             log::error!("inode {ino}: record does not decode");
@@ -492,6 +506,15 @@ impl Fs {
             }
         }
         Ok(a)
+    }
+
+    /// Every open file, with its inode number.
+    pub(crate) fn open_files(&self) -> Vec<(u64, Arc<OpenFile>)> {
+        self.open
+            .lock()
+            .iter()
+            .map(|(k, e)| (*k, e.file.clone()))
+            .collect()
     }
 
     fn open_file(&self, ino: u64) -> Option<Arc<OpenFile>> {
@@ -660,6 +683,8 @@ impl Fs {
     /// failed does not stop the others; the first error is returned after all were tried.
     pub fn sync_all(&self) -> Result<()> {
         let sealed = self.seal_open_files();
+        // Every seal job has committed: pending snapshots can be recorded now (synced below).
+        self.complete_pending();
         self.eng.sync()?;
         sealed
     }
@@ -668,23 +693,8 @@ impl Fs {
     /// a sticky seal error (already reported to its writer) neither leaves the files after it
     /// unsealed nor hides them. Returns the first error.
     pub(crate) fn seal_open_files(&self) -> Result<()> {
-        self.seal_open_files_but(false)
-    }
-
-    /// `seal_open_files`; with `skip_busy`, files with seal jobs in flight (streaming
-    /// writers, whose queue refills as fast as it drains) are left for a later pass.
-    pub(crate) fn seal_open_files_but(&self, skip_busy: bool) -> Result<()> {
-        let files: Vec<(u64, Arc<OpenFile>)> = self
-            .open
-            .lock()
-            .iter()
-            .map(|(k, e)| (*k, e.file.clone()))
-            .collect();
         let mut first = Ok(());
-        for (ino, f) in files {
-            if skip_busy && *f.inflight.lock() > 0 {
-                continue;
-            }
+        for (ino, f) in self.open_files() {
             if let Err(e) = self.seal_all(ino, &f) {
                 log::warn!("inode {ino}: cannot seal its buffers: {e}");
                 if first.is_ok() {

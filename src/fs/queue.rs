@@ -108,7 +108,7 @@ impl Fs {
             created_ms: now,
             ..Default::default()
         };
-        for s in self.snapshot_list()? {
+        for s in self.snapshot_records()? {
             let k = keys::repl_key(keys::P_REPL_SNAP, id, s.name.as_bytes());
             txn.put_raw(&k, &pending.encode());
         }

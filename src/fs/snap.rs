@@ -29,11 +29,14 @@ pub struct SnapshotInfo {
     /// Taken by the daemon's automatic snapshots (`mount --snapshot-every`): the only ones
     /// its retention may delete.
     pub automatic: bool,
+    /// Its seal jobs are still committing: no record yet (known to this process only), lost
+    /// whole if the process dies first (`epochs.rs`).
+    #[serde(default)]
+    pub pending: bool,
 }
 
-/// Parked bytes (uncompressed) up to which a snapshot copies them into the WAL under its
-/// barrier instead of flushing them first.
-const SNAPSHOT_COPY_MAX: u64 = 32 << 20;
+/// How long anything that reads a snapshot waits for a pending one to complete.
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Snapshot names: 1..=200 bytes of printable UTF-8, no `/`, not `.` or `..`.
 pub fn check_snapshot_name(name: &str) -> std::result::Result<(), String> {
@@ -73,6 +76,7 @@ fn decode_snapshot(name: &[u8], v: &[u8]) -> Option<SnapshotInfo> {
         created: keys::le_u64(&v[8..]) as i64,
         created_nanos: keys::le_u32(&v[16..]),
         automatic: v.get(20).is_some_and(|f| f & SNAP_AUTOMATIC != 0),
+        pending: false,
     })
 }
 
@@ -131,13 +135,18 @@ impl Fs {
 
     /// Takes a snapshot of the live tree: one instant. Every write acknowledged before the
     /// call is in it; no write that started after the epoch moved is; a write in flight is
-    /// wholly in or wholly out (writers hold `barrier` shared for a whole call). The cost is
-    /// sealing open buffers plus one batch, whatever the amount of data.
+    /// wholly in or wholly out (writers hold `barrier` shared for a whole call).
     ///
-    /// On return the snapshot survives a crash of this process (the batch is in the WAL, in
-    /// the OS page cache). With `durable`, it returns only after the WAL is fsynced, so it also
-    /// survives power loss; otherwise that fsync starts in the background at once, because it
-    /// writes back every unsynced byte a streaming writer produced and can take seconds.
+    /// Under the barrier it only moves each open file's unsealed buffers into seal jobs (no
+    /// hashing, no I/O) and moves the epoch, in one small batch: O(1) in the data, and in
+    /// the bytes writers have in flight. The seal jobs of the closed epoch commit at that
+    /// epoch behind the call (`epochs.rs`); the snapshot's record is written when the last
+    /// of them has committed. Until then the snapshot is *pending*: listed as such, waited
+    /// for by anything that reads it, and lost whole (never in part) if the process dies
+    /// first. With nothing in flight the record is written at once. With `durable`, the call
+    /// waits for the record and then for the WAL fsync, so the snapshot survives power loss
+    /// when it returns; otherwise that fsync starts in the background when the record is
+    /// written, because it writes back every unsynced byte a streaming writer produced.
     pub fn snapshot_create(&self, name: &str, durable: bool) -> Result<SnapshotInfo> {
         self.snapshot_create_as(name, durable, false)
     }
@@ -167,96 +176,220 @@ impl Fs {
         // A snapshot adds little, but it pins what deletions would free on a full disk.
         self.eng.admit_growth()?;
         let key = keys::snapshot_key(name.as_bytes());
-        if self.eng.get(Cf::Meta, &key)?.is_some() {
+        if self.eng.get(Cf::Meta, &key)?.is_some() || self.epochs.pending_named(name).is_some() {
             return Err(FsError::Exists);
         }
-        // Seal the buffers of idle files while writers still run, so the barrier below is
-        // short (streaming files, with seal jobs in flight, are sealed under it). A file with
-        // a sticky seal error is logged and skipped: its writer is told on its next write,
-        // flush or fsync, and the snapshot holds what the store holds.
         let mut phases = Phases::start();
-        let _ = self.seal_open_files_but(true);
-        phases.mark("seal idle files");
-        // Parked chunks live only in the chunk memtable: before the snapshot returns they
-        // must reach the kernel, by a flush (fsyncs: seconds on a slow disk under a streaming
-        // writer) or by a copy of their bodies in the WAL (writers then write those bytes
-        // twice, and the WAL sync after the snapshot has them to write). A few are copied,
-        // under the barrier, without waiting for any flush; more than
-        // `SNAPSHOT_COPY_MAX` are flushed first, while writers still run, as a group commit
-        // would (docs/benchmarks.md, "Snapshots without a flush").
-        if self.parked().1 > SNAPSHOT_COPY_MAX {
-            self.commit_parked();
-        }
-        phases.mark("commit parked");
         let barrier = self.barrier.write();
         phases.mark("barrier");
-        self.deferred.logged.store(true, Ordering::Release);
-        let logged = LoggedUntilDrop(self);
-        let _ = self.seal_open_files();
-        phases.mark("seal under barrier");
+        // A file with a sticky seal error keeps its buffers: its writer is told on its next
+        // write, flush or fsync, and the snapshot holds what the store holds.
+        if let Err(e) = self.freeze_open_files() {
+            log::warn!("snapshot {name}: some buffers could not be queued: {e}");
+        }
+        phases.mark("freeze");
         fail::fail_point!("snapshot-before-epoch-move");
         let meta = self.lock_meta();
         phases.mark("meta");
-        if self.eng.get(Cf::Meta, &key)?.is_some() {
+        if self.eng.get(Cf::Meta, &key)?.is_some() || self.epochs.pending_named(name).is_some() {
             return Err(FsError::Exists);
         }
         let e = self.write_epoch()?;
         let now = created.unwrap_or_else(Time::now);
-        let info = SnapshotInfo {
+        let mut info = SnapshotInfo {
             name: name.to_string(),
             epoch: e,
             created: now.secs,
             created_nanos: now.nanos,
             automatic,
+            pending: self.epochs.has_jobs_up_to(e),
         };
         let mut b = Batch::new();
-        self.eng
-            .put(&mut b, Cf::Meta, &key, &encode_snapshot(&info));
         self.eng.put(
             &mut b,
             Cf::Meta,
             &keys::counter_key("epoch"),
             &(e + 1).to_le_bytes(),
         );
-        // Every chunk this snapshot needs was sealed before now, so it is queued at or below
-        // `repl_seq`: the snapshot is complete on a backend once that backend's queue holds
-        // nothing at or below it and its manifest is uploaded.
-        let pending = keys::ReplSnap {
-            barrier_seq: meta.repl_seq,
-            created_ms: super::txn::now_ms(),
-            ..Default::default()
-        };
-        for &backend in self.replicas().iter() {
-            let k = keys::repl_key(keys::P_REPL_SNAP, backend, name.as_bytes());
-            self.eng.put(&mut b, Cf::Meta, &k, &pending.encode());
+        if info.pending {
+            self.epochs.add_pending(info.clone());
+        } else {
+            self.put_snapshot_record(&mut b, &meta, &info, super::txn::now_ms());
         }
-        self.eng.write(b, durable)?;
-        self.epoch.store(e + 1, Ordering::Release);
-        drop(logged);
-        drop(meta);
-        drop(barrier);
-        phases.mark("record");
-        log::debug!("snapshot {name}: {phases}");
-        if !durable {
-            let eng = self.eng.clone();
-            let spawned = std::thread::Builder::new()
-                .name("snapfs-snapsync".into())
-                .spawn(move || {
-                    if let Err(e) = eng.sync() {
-                        log::error!("background WAL sync after a snapshot failed: {e}");
-                    }
-                });
-            let mut bg = self.background.lock();
-            bg.retain(|t| !t.is_finished());
-            match spawned {
-                Ok(t) => bg.push(t),
-                Err(_) => self.eng.sync()?,
+        if let Err(err) = self.eng.write(b, false) {
+            if info.pending {
+                self.epochs.completed(e);
             }
+            return Err(err);
+        }
+        self.epoch.store(e + 1, Ordering::Release);
+        drop(barrier);
+        drop(meta);
+        phases.mark("epoch");
+        if info.pending {
+            // The completer may have found nothing ready before this was registered.
+            self.epochs.wake();
+        }
+        log::debug!(
+            "snapshot {name}: {phases}{}",
+            if info.pending { " (pending)" } else { "" }
+        );
+        if durable {
+            if info.pending {
+                self.wait_snapshot(name)?;
+                // Absent: dropped, because a chunk written before it could not be stored.
+                info = self.snapshot_record(name).map_err(|e| match e {
+                    FsError::NotFound => FsError::Io,
+                    e => e,
+                })?;
+            }
+            self.eng.sync()?;
+        } else if !info.pending {
+            self.sync_in_background();
         }
         Ok(info)
     }
 
+    /// The record of a completed snapshot and, for each backend, its replication marker:
+    /// every chunk it needs was sealed before now, so it is queued at or below `repl_seq`,
+    /// and the snapshot is complete on a backend once that backend's queue holds nothing at
+    /// or below it and its manifest is uploaded.
+    /// `created_ms` starts the backup window on each backend.
+    fn put_snapshot_record(
+        &self,
+        b: &mut Batch,
+        meta: &super::MetaState,
+        info: &SnapshotInfo,
+        created_ms: u64,
+    ) {
+        let key = keys::snapshot_key(info.name.as_bytes());
+        self.eng.put(b, Cf::Meta, &key, &encode_snapshot(info));
+        let marker = keys::ReplSnap {
+            barrier_seq: meta.repl_seq,
+            created_ms,
+            ..Default::default()
+        };
+        for &backend in self.replicas().iter() {
+            let k = keys::repl_key(keys::P_REPL_SNAP, backend, info.name.as_bytes());
+            self.eng.put(b, Cf::Meta, &k, &marker.encode());
+        }
+    }
+
+    /// Writes the records of the pending snapshots whose seal jobs have all committed, oldest
+    /// first, then starts the WAL fsync. Called by the completer thread.
+    pub(crate) fn complete_pending(&self) {
+        let ready = self.epochs.ready();
+        if ready.is_empty() {
+            return;
+        }
+        {
+            let meta = self.lock_meta();
+            let mut b = Batch::new();
+            for (info, failed) in &ready {
+                if *failed {
+                    // Never a record without its data: an operator finds the gap in the
+                    // log and the list, not a snapshot that lacks acknowledged writes.
+                    log::error!(
+                        "snapshot {} is dropped: a chunk written before it could not be \
+                         stored (its file reported the error to its writer)",
+                        info.name
+                    );
+                    continue;
+                }
+                let mut info = info.clone();
+                info.pending = false;
+                // The backup window counts from the snapshot's creation, pending time included.
+                let created_ms =
+                    (info.created.max(0) as u64) * 1000 + u64::from(info.created_nanos) / 1_000_000;
+                self.put_snapshot_record(&mut b, &meta, &info, created_ms);
+            }
+            if let Err(e) = self.eng.write(b, false) {
+                for (info, _) in &ready {
+                    log::error!(
+                        "snapshot {}: cannot write its record: {e}; it is lost",
+                        info.name
+                    );
+                }
+            }
+            for (info, _) in &ready {
+                self.epochs.completed(info.epoch);
+                log::debug!("snapshot {}: complete", info.name);
+            }
+        }
+        self.sync_in_background();
+    }
+
+    /// Starts the thread that writes the records of pending snapshots once their jobs have
+    /// committed. It ends when the filesystem is dropped.
+    pub(crate) fn start_completer(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let epochs = self.epochs.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapfs-snapdone".into())
+            .spawn(move || loop {
+                epochs.wait_ready(std::time::Duration::from_millis(500));
+                let Some(fs) = weak.upgrade() else { return };
+                fs.complete_pending();
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the snapshot completer thread: {e}");
+        }
+    }
+
+    /// The WAL fsync after a snapshot's record, on a thread of its own.
+    fn sync_in_background(&self) {
+        let eng = self.eng.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapfs-snapsync".into())
+            .spawn(move || {
+                if let Err(e) = eng.sync() {
+                    log::error!("background WAL sync after a snapshot failed: {e}");
+                }
+            });
+        let mut bg = self.background.lock();
+        bg.retain(|t| !t.is_finished());
+        match spawned {
+            Ok(t) => bg.push(t),
+            Err(_) => {
+                if let Err(e) = self.eng.sync() {
+                    log::error!("WAL sync after a snapshot failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Waits until snapshot `name` is no longer pending (its record written). Busy if that
+    /// takes more than a minute (its seal jobs stuck behind a failing disk).
+    pub(crate) fn wait_snapshot(&self, name: &str) -> Result<()> {
+        if self.view.is_some() || self.epochs.wait_named(name, PENDING_WAIT) {
+            return Ok(());
+        }
+        log::warn!("snapshot {name} is still pending after {PENDING_WAIT:?}");
+        Err(FsError::Busy)
+    }
+
+    /// Waits until no snapshot is pending.
+    pub(crate) fn wait_all_snapshots(&self) -> Result<()> {
+        if self.view.is_some() || self.epochs.wait_all(PENDING_WAIT) {
+            return Ok(());
+        }
+        Err(FsError::Busy)
+    }
+
+    /// Every snapshot, oldest first: the recorded ones and the pending ones.
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out = self.snapshot_records()?;
+        for p in self.epochs.pending() {
+            if !out.iter().any(|s| s.name == p.name) {
+                out.push(p);
+            }
+        }
+        out.sort_by_key(|s| s.epoch);
+        Ok(out)
+    }
+
+    /// The recorded snapshots (not the pending ones), oldest first.
+    pub fn snapshot_records(&self) -> Result<Vec<SnapshotInfo>> {
         let mut out: Vec<SnapshotInfo> = self
             .eng
             .reader()?
@@ -270,7 +403,14 @@ impl Fs {
         Ok(out)
     }
 
+    /// A snapshot, once complete: a pending one is waited for.
     pub fn snapshot_get(&self, name: &str) -> Result<SnapshotInfo> {
+        self.wait_snapshot(name)?;
+        self.snapshot_record(name)
+    }
+
+    /// A snapshot's record, without waiting (NotFound while it is pending).
+    pub(crate) fn snapshot_record(&self, name: &str) -> Result<SnapshotInfo> {
         let v = self
             .eng
             .get(Cf::Meta, &keys::snapshot_key(name.as_bytes()))?
@@ -284,9 +424,10 @@ impl Fs {
     /// GC collects them then (`run_pending_gc`).
     pub fn snapshot_delete(&self, name: &str) -> Result<VersionGc> {
         self.write_epoch()?;
+        self.wait_snapshot(name)?;
         {
             let _meta = self.lock_meta();
-            self.snapshot_get(name)?;
+            self.snapshot_record(name)?;
             let mut b = Batch::new();
             self.eng
                 .delete(&mut b, Cf::Meta, &keys::snapshot_key(name.as_bytes()));
@@ -419,7 +560,7 @@ impl Fs {
     pub fn snapshot_usage(&self) -> Result<BTreeMap<u64, (u64, u64)>> {
         let retained = self.retained_epochs()?;
         let mut usage: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        for s in self.snapshot_list()? {
+        for s in self.snapshot_records()? {
             let view = self.view(s.epoch);
             let mut logical = 0;
             for (rec, p) in view.scan_recs(&[keys::P_INODE])? {
@@ -501,6 +642,8 @@ impl Fs {
     /// taken comes back with nlink 0: it gets an orphan marker in the same batch and is freed
     /// at once after the commit (or at the next open if the process dies first).
     pub fn rollback(&self, name: &str, destroy_newer: bool) -> Result<Rollback> {
+        // Late seal jobs would write into the epochs the rollback replaces.
+        self.wait_all_snapshots()?;
         let target = self.snapshot_get(name)?;
         if !self.open.lock().is_empty() {
             return Err(FsError::Busy);
@@ -631,14 +774,5 @@ impl std::fmt::Display for Phases {
             write!(f, "{sep}{what} {:.2} ms", d.as_secs_f64() * 1000.0)?;
         }
         Ok(())
-    }
-}
-
-/// Ends the logged group commits of a snapshot's barrier on every way out of it.
-struct LoggedUntilDrop<'a>(&'a Fs);
-
-impl Drop for LoggedUntilDrop<'_> {
-    fn drop(&mut self) {
-        self.0.deferred.logged.store(false, Ordering::Release);
     }
 }

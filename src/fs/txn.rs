@@ -39,6 +39,10 @@ pub(crate) enum Body {
 
 pub(crate) struct Txn<'a> {
     fs: &'a Fs,
+    /// The epoch this transaction reads attributes at and writes records to; None: the
+    /// live write epoch. A seal job of an epoch a snapshot has closed commits at its own
+    /// epoch (`epochs.rs`).
+    at: Option<u64>,
     batch: Batch,
     attrs: BTreeMap<u64, Attr>,
     deleted: BTreeSet<u64>,
@@ -80,6 +84,7 @@ impl<'a> Txn<'a> {
     pub fn with_capacity(fs: &'a Fs, bytes: usize) -> Txn<'a> {
         Txn {
             fs,
+            at: None,
             batch: if bytes == 0 {
                 Batch::new()
             } else {
@@ -96,8 +101,17 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// A transaction at `epoch` (at most the write epoch): what a seal job queued before a
+    /// snapshot moved the epoch commits with.
+    pub fn at_epoch(fs: &'a Fs, epoch: u64, bytes: usize) -> Txn<'a> {
+        let mut t = Self::with_capacity(fs, bytes);
+        t.at = Some(epoch);
+        t
+    }
+
     fn epoch(&self) -> Result<u64> {
-        self.fs.write_epoch()
+        let live = self.fs.write_epoch()?;
+        Ok(self.at.map_or(live, |e| e.min(live)))
     }
 
     /// Attributes as this transaction will leave them.
@@ -107,8 +121,42 @@ impl<'a> Txn<'a> {
         }
         match self.attrs.get(&ino) {
             Some(a) => Ok(a.clone()),
-            None => self.fs.stored_attr(ino),
+            None => self.fs.stored_attr_at(ino, self.epoch()?),
         }
+    }
+
+    /// The versions of `ino`'s inode record newer than this transaction's epoch, up to the
+    /// live one (none for a transaction at the live epoch): (epoch, attributes).
+    pub fn newer_attrs(&self, ino: u64) -> Result<Vec<(u64, Attr)>> {
+        let e = self.epoch()?;
+        if e == self.fs.write_epoch()? {
+            return Ok(Vec::new());
+        }
+        let rec = keys::inode_rec(ino);
+        let mut out = Vec::new();
+        for item in self.fs.eng.reader()?.scan(Cf::Meta, &rec, &rec) {
+            let (k, v) = item?;
+            if k.len() != rec.len() + keys::VERSION_LEN {
+                continue;
+            }
+            let ve = keys::split_version(&k).1;
+            if ve <= e {
+                break; // newest first
+            }
+            if v.first() == Some(&keys::TAG_LIVE) {
+                if let Some(a) = Attr::decode(ino, &v[1..]) {
+                    out.push((ve, a));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rewrites an existing version of an inode record (at an epoch newer than this
+    /// transaction's) in this transaction's batch.
+    pub fn put_attr_version(&mut self, epoch: u64, a: &Attr) {
+        let k = keys::versioned(&keys::inode_rec(a.ino), epoch);
+        self.fs.eng.put(&mut self.batch, Cf::Meta, &k, &a.encode());
     }
 
     pub fn put_attr(&mut self, a: Attr) {

@@ -139,6 +139,21 @@ pub fn backend_status(
             pruned: s.pruned,
         });
     }
+    // Pending snapshots (their chunks still committing locally) have no marker yet: listed
+    // as not complete, so `snapshot wait` waits for them rather than calling them unknown.
+    for p in fs.snapshot_list().map_err(|e| e.to_string())? {
+        if p.pending && !snapshots.iter().any(|s| s.name == p.name) {
+            snapshots.push(SnapshotState {
+                name: p.name,
+                complete: false,
+                window_seconds: None,
+                chunk_bytes: 0,
+                meta_objects_uploaded: 0,
+                meta_objects_skipped: 0,
+                pruned: false,
+            });
+        }
+    }
     let (uploaded_bytes, uploaded_chunks, throughput, failed, err) = match lane {
         Some(l) => {
             let st = &l.stats;
