@@ -152,12 +152,15 @@ impl Server {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
         let me = crate::sys::geteuid();
+        // The thread outlives the daemon's use of the context (it waits in accept): it holds
+        // it weakly, so the filesystem can close at unmount.
+        let ctx = Arc::downgrade(&ctx);
         std::thread::Builder::new()
             .name("snapfs-control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
-                    let ctx = ctx.clone();
+                    let Some(ctx) = ctx.upgrade() else { return };
                     let _ = std::thread::Builder::new()
                         .name("snapfs-control-conn".into())
                         .spawn(move || {

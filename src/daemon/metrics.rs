@@ -15,11 +15,14 @@ pub fn start(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<(), String> {
         TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
     log::info!("metrics on http://{bound}/metrics");
+    // Held weakly, as by the control thread: the filesystem closes at unmount.
+    let ctx = Arc::downgrade(&ctx);
     std::thread::Builder::new()
         .name("snapfs-metrics".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                let Some(ctx) = ctx.upgrade() else { return };
                 if let Err(e) = serve(&ctx, conn) {
                     log::debug!("metrics request: {e}");
                 }

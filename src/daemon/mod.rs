@@ -158,10 +158,10 @@ fn run_mount_from(
     r
 }
 
-/// `remove_dir_all` of a temporary store, tried again for up to 5 s: its database can still
-/// be open for a moment after the mount ends (a thread that outlives it holds the filesystem,
-/// docs/design.md §9.3), and RocksDB may create a file while the directory is being removed
-/// (a CI run saw the directory left behind once). A directory already gone is removed.
+/// `remove_dir_all` of a temporary store, tried again for up to 5 s: the mount closes its
+/// database before it returns (`Store::close`), but if that timed out RocksDB may still
+/// create a file while the directory is being removed (a CI run saw the directory left
+/// behind once, before the close was fixed). A directory already gone is removed.
 fn remove_store_dir(dir: &Path) -> std::io::Result<()> {
     let mut tries = 0;
     loop {
@@ -232,13 +232,14 @@ fn start_auto_snapshots(
     every: std::time::Duration,
     keep: crate::daemon::retention::Policy,
 ) {
+    let ctx = Arc::downgrade(&ctx);
     let spawned = std::thread::Builder::new()
         .name("snapfs-autosnap".into())
         .spawn(move || loop {
             std::thread::sleep(every);
-            if Arc::strong_count(&ctx) == 1 {
+            let Some(ctx) = ctx.upgrade() else {
                 return; // the daemon is shutting down
-            }
+            };
             let existing: Vec<String> = match ctx.fs.snapshot_list() {
                 Ok(l) => l.into_iter().map(|s| s.name).collect(),
                 Err(e) => {
@@ -499,9 +500,18 @@ fn run_mount_inner(a: &MountArgs, remote: Option<Remote>) -> Result<(), String> 
     } else {
         Ok(())
     };
+    // Everything that holds the filesystem or its engine goes, then the store waits for
+    // the database to close before it releases its lock.
     drop(server);
     drop(ctx);
-    drop(store);
+    drop(replicator);
+    drop(disk_cache);
+    if !store.close(std::time::Duration::from_secs(10)) {
+        log::warn!(
+            "the database was still in use 10 s after the unmount; it stays open until the \
+             process exits (everything was flushed first)"
+        );
+    }
     served.map_err(|e| format!("FUSE session ended with an error: {e}"))?;
     closed.map_err(|e| format!("closing the store failed: {e}"))?;
     Ok(())

@@ -386,7 +386,7 @@ impl Fs {
         // A pending snapshot is waited for before `meta`: its completion takes `meta`.
         self.wait_snapshot(name)?;
         let _meta = self.meta.lock();
-        let s = self.snapshot_get(name)?;
+        let s = self.snapshot_record(name)?;
         Ok(self.view_locked(s.epoch))
     }
 

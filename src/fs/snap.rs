@@ -202,7 +202,9 @@ impl Fs {
             created: now.secs,
             created_nanos: now.nanos,
             automatic,
-            pending: self.epochs.has_jobs_up_to(e),
+            // Also behind an older pending one: records are written oldest first, so a
+            // crash never keeps a newer snapshot and loses an older one.
+            pending: self.epochs.has_jobs_up_to(e) || !self.epochs.pending().is_empty(),
         };
         let mut b = Batch::new();
         self.eng.put(
@@ -278,12 +280,15 @@ impl Fs {
     /// Writes the records of the pending snapshots whose seal jobs have all committed, oldest
     /// first, then starts the WAL fsync. Called by the completer thread.
     pub(crate) fn complete_pending(&self) {
-        let ready = self.epochs.ready();
-        if ready.is_empty() {
-            return;
-        }
         {
+            // Read under `meta`, and marked completed before it is released: two callers
+            // (the completer, `sync_all`) never record one snapshot twice, and a create
+            // (which registers under `meta`) is never seen half done.
             let meta = self.lock_meta();
+            let ready = self.epochs.ready();
+            if ready.is_empty() {
+                return;
+            }
             let mut b = Batch::new();
             for (info, failed) in &ready {
                 if *failed {

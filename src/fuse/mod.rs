@@ -124,7 +124,13 @@ impl FuseFs {
                 (views::SNAPDIR_INO, FileType::Directory, b".".to_vec()),
                 (ROOT_INO, FileType::Directory, b"..".to_vec()),
             ];
-            for s in self.root.snapshot_list()? {
+            // A pending snapshot appears once it is complete (a lookup of it waits for it).
+            for s in self
+                .root
+                .snapshot_list()?
+                .into_iter()
+                .filter(|s| !s.pending)
+            {
                 let slot = self.views.slot_of(&s.name)?;
                 out.push((
                     views::join(slot, ROOT_INO),

@@ -86,6 +86,8 @@ impl Views {
 
     /// The slot of a snapshot's view, opening the view on first use.
     pub fn slot_of(&self, name: &str) -> Result<u16> {
+        // A pending snapshot is waited for before `slots`, which every view operation takes.
+        self.live.wait_snapshot(name)?;
         let mut slots = self.slots.lock();
         if let Some((slot, _)) = slots.iter().find(|(_, v)| v.name == name) {
             return Ok(*slot);

@@ -605,13 +605,14 @@ impl Lane {
         let key = keys::repl_key(keys::P_REPL_SNAP, self.id, name.as_bytes());
         let view = match self.fs.snapshot_view(name) {
             Ok(v) => v,
-            Err(_) => {
+            Err(crate::error::FsError::NotFound) => {
                 // Deleted locally before it was complete here: nothing to send.
                 let mut b = Batch::new();
                 self.fs.eng.delete(&mut b, Cf::Meta, &key);
                 self.fs.eng.write(b, false).map_err(|e| e.to_string())?;
                 return Ok(Outcome::Completed);
             }
+            Err(e) => return Err(format!("cannot read snapshot {name}: {e}")),
         };
         let info = self.fs.snapshot_get(name).map_err(|e| e.to_string())?;
         let mut known = LaneKnown {

@@ -86,6 +86,26 @@ fn lock(dir: &Path) -> Result<File, String> {
 }
 
 impl Store {
+    /// Drops this handle and waits (up to `limit`) until the database is closed: every
+    /// other holder of the filesystem or of its engine (threads, views) has let go. The
+    /// store lock is released only then, so no other process opens a database this one
+    /// still has open. Returns whether it closed in time (if not, the database is left
+    /// open until the process exits, after whatever flush the caller did).
+    pub fn close(self, limit: std::time::Duration) -> bool {
+        let Store { fs, _lock, .. } = self;
+        let engine = Arc::downgrade(&fs.eng);
+        drop(fs);
+        let end = std::time::Instant::now() + limit;
+        while engine.strong_count() > 0 {
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(_lock);
+        true
+    }
+
     /// Opens (and with `create`, creates) the store in `dir`. `chunk_size` applies only to a
     /// new store; an existing store keeps the chunk size it was created with.
     pub fn open(dir: &Path, create: bool, chunk_size: Option<usize>) -> Result<Store, String> {
