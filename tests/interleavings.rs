@@ -376,9 +376,19 @@ fn a_pending_snapshot_completes_behind_a_paused_group_commit() {
     let tail = vec![0xAAu8; 10];
     fs.write(&h, live.len() as u64, &tail).unwrap();
     live.extend_from_slice(&tail);
+    // The pending snapshot wrote nothing: the database's live epoch moves with the first
+    // batch that writes at the new one.
+    // (Absent on a store never snapshotted: the first epoch, 1.)
+    let on_disk = || fs.stored_counter("epoch").max(1);
+    assert_eq!(on_disk(), info.epoch, "a pending snapshot did I/O");
     // A new version of the inode (nlink, ctime) at the new epoch, written while the
     // snapshot's chunks are uncommitted (link, unlike chmod, does not wait for them).
     fs.link(ino, ROOT_INO, b"ckpt2").unwrap();
+    assert_eq!(
+        on_disk(),
+        info.epoch + 1,
+        "a batch wrote at the new epoch without persisting it"
+    );
     let (view_tx, view_rx) = bounded(1);
     let viewer = {
         let fs = fs.clone();

@@ -75,6 +75,11 @@ pub(crate) struct MetaState {
     pub counters: Counters,
     /// The last sequence number given to a replication queue entry (0: none yet).
     pub repl_seq: u64,
+    /// The live epoch as the database holds it (`02 epoch`). A snapshot that has to wait
+    /// for its chunks moves the epoch in memory only; the first batch that writes at the new
+    /// epoch (any `Txn::commit`) or records a snapshot carries the key, so the database never
+    /// holds a version above its live epoch.
+    pub epoch_on_disk: u64,
     /// Chunks whose body was written without the WAL and whose commit is still parked
     /// (`defer.rs`), with the number of parked jobs that wrote them. Garbage collection
     /// leaves their free-queue markers and bodies alone.
@@ -261,6 +266,7 @@ fn load_state(eng: &Engine) -> Result<(u64, MetaState)> {
             next_ino,
             counters,
             repl_seq,
+            epoch_on_disk: epoch,
             unflushed: HashMap::new(),
         },
     ))
@@ -366,6 +372,7 @@ impl Fs {
             next_ino: 0,
             counters: Counters::default(),
             repl_seq: 0,
+            epoch_on_disk: 0,
             unflushed: HashMap::new(),
         };
         Fs::assemble(
@@ -744,6 +751,7 @@ impl Fs {
         let (epoch, stored) = load_state(&self.eng)
             .map_err(|e| format!("cannot reload the counters after a reopen: {e}"))?;
         self.epoch.fetch_max(epoch, Ordering::AcqRel);
+        meta.epoch_on_disk = epoch;
         meta.next_ino = meta.next_ino.max(stored.next_ino);
         meta.counters = stored.counters;
         meta.repl_seq = meta.repl_seq.max(stored.repl_seq);

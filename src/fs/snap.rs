@@ -189,7 +189,7 @@ impl Fs {
         }
         phases.mark("freeze");
         fail::fail_point!("snapshot-before-epoch-move");
-        let meta = self.lock_meta();
+        let mut meta = self.lock_meta();
         phases.mark("meta");
         if self.eng.get(Cf::Meta, &key)?.is_some() || self.epochs.pending_named(name).is_some() {
             return Err(FsError::Exists);
@@ -206,23 +206,21 @@ impl Fs {
             // crash never keeps a newer snapshot and loses an older one.
             pending: self.epochs.has_jobs_up_to(e) || !self.epochs.pending().is_empty(),
         };
-        let mut b = Batch::new();
-        self.eng.put(
-            &mut b,
-            Cf::Meta,
-            &keys::counter_key("epoch"),
-            &(e + 1).to_le_bytes(),
-        );
         if info.pending {
+            // No I/O: the first batch that writes at E + 1 persists the move
+            // (`MetaState::epoch_on_disk`), the record's batch at the latest.
             self.epochs.add_pending(info.clone());
         } else {
+            let mut b = Batch::new();
+            self.eng.put(
+                &mut b,
+                Cf::Meta,
+                &keys::counter_key("epoch"),
+                &(e + 1).to_le_bytes(),
+            );
             self.put_snapshot_record(&mut b, &meta, &info, super::txn::now_ms());
-        }
-        if let Err(err) = self.eng.write(b, false) {
-            if info.pending {
-                self.epochs.completed(e);
-            }
-            return Err(err);
+            self.eng.write(b, false)?;
+            meta.epoch_on_disk = e + 1;
         }
         self.epoch.store(e + 1, Ordering::Release);
         drop(barrier);
@@ -284,12 +282,18 @@ impl Fs {
             // Read under `meta`, and marked completed before it is released: two callers
             // (the completer, `sync_all`) never record one snapshot twice, and a create
             // (which registers under `meta`) is never seen half done.
-            let meta = self.lock_meta();
+            let mut meta = self.lock_meta();
             let ready = self.epochs.ready();
             if ready.is_empty() {
                 return;
             }
             let mut b = Batch::new();
+            // A record at E must never be durable with the live epoch still E on disk.
+            let live = self.epoch.load(Ordering::Acquire);
+            if live > meta.epoch_on_disk {
+                let k = keys::counter_key("epoch");
+                self.eng.put(&mut b, Cf::Meta, &k, &live.to_le_bytes());
+            }
             for (info, failed) in &ready {
                 if *failed {
                     // Never a record without its data: an operator finds the gap in the
@@ -308,12 +312,15 @@ impl Fs {
                     (info.created.max(0) as u64) * 1000 + u64::from(info.created_nanos) / 1_000_000;
                 self.put_snapshot_record(&mut b, &meta, &info, created_ms);
             }
-            if let Err(e) = self.eng.write(b, false) {
-                for (info, _) in &ready {
-                    log::error!(
-                        "snapshot {}: cannot write its record: {e}; it is lost",
-                        info.name
-                    );
+            match self.eng.write(b, false) {
+                Ok(()) => meta.epoch_on_disk = meta.epoch_on_disk.max(live),
+                Err(e) => {
+                    for (info, _) in &ready {
+                        log::error!(
+                            "snapshot {}: cannot write its record: {e}; it is lost",
+                            info.name
+                        );
+                    }
                 }
             }
             for (info, _) in &ready {

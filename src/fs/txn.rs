@@ -456,6 +456,12 @@ impl<'a> Txn<'a> {
         if repl_seq != meta.repl_seq {
             self.put_counter("repl_seq", repl_seq);
         }
+        // The first batch after a pending snapshot moved the epoch persists the move with it.
+        let live = self.fs.epoch.load(std::sync::atomic::Ordering::Acquire);
+        let epoch_moved = self.fs.view.is_none() && live > meta.epoch_on_disk;
+        if epoch_moved {
+            self.put_counter("epoch", live);
+        }
         if self.counters_dirty {
             self.put_counter("chunks", counters.chunks);
             self.put_counter("unique_bytes", counters.unique_bytes);
@@ -468,6 +474,9 @@ impl<'a> Txn<'a> {
         }
         meta.counters = counters;
         meta.repl_seq = repl_seq;
+        if epoch_moved {
+            meta.epoch_on_disk = live;
+        }
         Ok(())
     }
 }
