@@ -91,9 +91,11 @@ impl Epochs {
         }
     }
 
-    /// Whether a snapshot at `epoch` would have to wait for jobs.
-    pub(crate) fn has_jobs_up_to(&self, epoch: u64) -> bool {
-        !self.state.lock().ready(epoch)
+    /// Whether a snapshot at `epoch` must be pending: jobs at or below it are outstanding,
+    /// or an older snapshot is still pending (records are written oldest first).
+    pub(crate) fn must_wait(&self, epoch: u64) -> bool {
+        let st = self.state.lock();
+        !st.ready(epoch) || !st.pending.is_empty()
     }
 
     pub(crate) fn add_pending(&self, info: SnapshotInfo) {
@@ -135,23 +137,25 @@ impl Epochs {
 
     /// Waits until the snapshot `name` is no longer pending, or `limit` passed (false).
     pub(crate) fn wait_named(&self, name: &str, limit: Duration) -> bool {
-        let end = Instant::now() + limit;
-        let mut st = self.state.lock();
-        while st.pending.values().any(|s| s.name == name) {
-            if self.changed.wait_until(&mut st, end).timed_out() {
-                return !st.pending.values().any(|s| s.name == name);
-            }
-        }
-        true
+        self.wait_while(limit, |p| p.values().any(|s| s.name == name))
     }
 
     /// Waits until no snapshot is pending, or `limit` passed (false).
     pub(crate) fn wait_all(&self, limit: Duration) -> bool {
+        self.wait_while(limit, |p| !p.is_empty())
+    }
+
+    /// Waits while `busy` holds of the pending snapshots, at most `limit`; false if it still does.
+    fn wait_while(
+        &self,
+        limit: Duration,
+        busy: impl Fn(&BTreeMap<u64, SnapshotInfo>) -> bool,
+    ) -> bool {
         let end = Instant::now() + limit;
         let mut st = self.state.lock();
-        while !st.pending.is_empty() {
+        while busy(&st.pending) {
             if self.changed.wait_until(&mut st, end).timed_out() {
-                return st.pending.is_empty();
+                return !busy(&st.pending);
             }
         }
         true

@@ -204,7 +204,7 @@ impl Fs {
             automatic,
             // Also behind an older pending one: records are written oldest first, so a
             // crash never keeps a newer snapshot and loses an older one.
-            pending: self.epochs.has_jobs_up_to(e) || !self.epochs.pending().is_empty(),
+            pending: self.epochs.must_wait(e),
         };
         if info.pending {
             // No I/O: the first batch that writes at E + 1 persists the move
